@@ -1,0 +1,1 @@
+"""looptune samplers: host, training jobs, GPUs (NVML); the Prometheus exporter."""

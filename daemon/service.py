@@ -1,0 +1,214 @@
+"""The node daemon: samplers, the /metrics endpoint, the hook socket, reloads and systemd.
+
+Signal handlers only set events; `run()` is the main loop that does the work: reload on
+SIGHUP (repeated HUPs merge into one), stop on SIGTERM/SIGINT, and ping systemd's watchdog
+only while no sampler is hung.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+from collectors.base import Collector, Sampler
+from collectors.exporter import DaemonExporter, ReloadState
+from collectors.gpu import GpuCollector
+from collectors.host import HostCollector
+from collectors.jobs import JobsCollector
+from daemon import __version__
+from daemon import config as cfg
+from daemon.sdnotify import Notifier
+from daemon.server import SocketServer
+
+log = logging.getLogger("looptune.daemon")
+
+TICK_SECONDS = 0.25
+STATUS_EVERY_SECONDS = 5.0
+
+
+def set_log_level(level: str) -> None:
+    logging.getLogger("looptune").setLevel(level.upper())
+
+
+class Daemon:
+    def __init__(self, config: cfg.Config, *, config_cli_path: str | None = None,
+                 config_path: str | None = None, listen: str | None = None, socket_path: str | None = None,
+                 environ: Mapping[str, str] = os.environ, notifier: Notifier | None = None,
+                 nvml_module: Any = None, extra_collectors: Callable[[], list[Collector]] | None = None) -> None:
+        self.config = config
+        self.config_cli_path = config_cli_path
+        self.config_path = config_path
+        self.listen = listen or config.daemon.listen
+        self.socket_path = socket_path or cfg.socket_path(config, environ)
+        self.environ = environ
+        self.notifier = notifier if notifier is not None else Notifier.from_env(environ)
+        self._nvml_module = nvml_module
+        self._extra_collectors = extra_collectors
+        self.reload_state = ReloadState()
+        self.reload_state.last_success_time = time.time()
+        self.samplers: dict[str, Sampler] = {}
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.http_server: Any = None
+        self.socket_server: SocketServer | None = None
+        self.address: tuple[str, int] | None = None
+
+    # ---- collectors ----
+
+    def _make(self, name: str) -> Collector:
+        c = self.config
+        if name == "host":
+            return HostCollector()
+        if name == "gpu":
+            return GpuCollector(module=self._nvml_module)
+        if name == "jobs":
+            gpu = self.samplers.get("gpu")
+
+            def gpu_processes() -> list[Any]:
+                snap = gpu.collector.last if gpu is not None else None   # type: ignore[attr-defined]
+                return snap.processes if snap is not None else []
+
+            return JobsCollector(c.jobs.match, gpu_processes=gpu_processes if c.jobs.gpu_processes else None,
+                                 memory_detail_interval=c.jobs.memory_detail_interval_seconds,
+                                 max_jobs=c.jobs.max_jobs)
+        raise KeyError(name)
+
+    def _interval(self, name: str) -> float:
+        toggle = getattr(self.config.collectors, name, None)
+        own = toggle.interval_seconds if toggle is not None else None
+        return own if own is not None else self.config.collectors.interval_seconds
+
+    def _sync_samplers(self) -> None:
+        """Start, stop and re-time samplers to match the config (at start and on reload)."""
+        col = self.config.collectors
+        timeout = col.timeout_seconds
+        for name in ("host", "gpu", "jobs"):   # gpu before jobs: jobs reads the GPU processes
+            enabled = getattr(col, name).enabled
+            s = self.samplers.get(name)
+            if enabled and s is None:
+                s = Sampler(self._make(name), self._interval(name), timeout)
+                self.samplers[name] = s
+                s.start()
+            elif not enabled and s is not None:
+                self.samplers.pop(name).stop()
+            elif s is not None:
+                s.set_interval(self._interval(name), timeout)
+        jobs = self.samplers.get("jobs")
+        if jobs is not None:
+            j = self.config.jobs
+            jobs.collector.configure(j.match, j.memory_detail_interval_seconds, j.max_jobs)  # type: ignore[attr-defined]
+        if self._extra_collectors is not None:
+            for c in self._extra_collectors():
+                if c.name not in self.samplers:
+                    s = Sampler(c, self.config.collectors.interval_seconds, timeout)
+                    self.samplers[c.name] = s
+                    s.start()
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        set_log_level(self.config.daemon.log_level)
+        self._sync_samplers()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(DaemonExporter(lambda: list(self.samplers.values()), __version__, self.reload_state))
+        ProcessCollector(namespace="looptune_daemon", registry=registry)
+        self.registry = registry
+        host, port = cfg.split_listen(self.listen)
+        tls = self.config.daemon.tls
+        self.http_server, _ = start_http_server(
+            port, addr=host, registry=registry, certfile=tls.cert_file or None, keyfile=tls.key_file or None,
+            client_cafile=tls.client_ca_file or None, client_auth_required=tls.client_auth_required)
+        self.address = self.http_server.server_address[:2]
+        try:
+            self.socket_server = SocketServer(self.socket_path)
+        except Exception:
+            self.http_server.shutdown()
+            self.http_server.server_close()
+            raise
+        self.socket_server.start()
+        scheme = "https" if tls.cert_file else "http"
+        log.info("looptune %s: metrics on %s://%s:%d/metrics, socket %s, config %s", __version__, scheme,
+                 self.address[0], self.address[1], self.socket_path, self.config_path or "built-in defaults")
+        self.notifier.ready()
+        self.notifier.status(self.summary())
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def run(self) -> int:
+        """Main loop until a stop is requested; returns the exit status."""
+        next_ping = next_status = 0.0
+        ping_every = self.notifier.watchdog_interval_seconds
+        while not self._stop.wait(TICK_SECONDS):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            now = time.monotonic()
+            if ping_every and now >= next_ping and self.healthy():
+                self.notifier.watchdog()
+                next_ping = now + ping_every
+            if now >= next_status:
+                self.notifier.status(self.summary())
+                next_status = now + STATUS_EVERY_SECONDS
+        self.shutdown()
+        return 0
+
+    def healthy(self) -> bool:
+        return all(not s.status().hung for s in self.samplers.values())
+
+    def summary(self) -> str:
+        parts = []
+        for name, s in self.samplers.items():
+            st = s.status()
+            parts.append(f"{name} {'up' if st.up else ('hung' if st.hung else 'down')}")
+        jobs = self.samplers.get("jobs")
+        snap = jobs.status().snapshot if jobs is not None else None
+        njobs = len(snap.jobs) if snap is not None else 0
+        return f"{njobs} job(s); collectors: {', '.join(parts) or 'none'}"
+
+    def reload(self) -> bool:
+        """Load the config again; a bad one leaves the running config in force."""
+        self.notifier.reloading()
+        self.reload_state.reloads += 1
+        try:
+            new, path = cfg.load_resolved(self.config_cli_path, self.environ)
+        except cfg.ConfigError as exc:
+            self.reload_state.successful = False
+            self.reload_state.failures += 1
+            for problem in exc.problems:
+                log.error("config reload rejected, keeping the running config: %s: %s", exc.source, problem)
+            self.notifier.ready()
+            return False
+        old = self.config
+        for key in ("listen", "socket", "tls"):
+            if getattr(new.daemon, key) != getattr(old.daemon, key):
+                log.warning("daemon.%s changed; it takes effect at the next restart", key)
+        self.config, self.config_path = new, path
+        set_log_level(new.daemon.log_level)
+        self._sync_samplers()
+        self.reload_state.successful = True
+        self.reload_state.last_success_time = time.time()
+        log.info("config reloaded from %s", path or "built-in defaults")
+        self.notifier.ready()
+        return True
+
+    def shutdown(self) -> None:
+        self.notifier.stopping()
+        if self.http_server is not None:
+            self.http_server.shutdown()
+            self.http_server.server_close()
+        if self.socket_server is not None:
+            self.socket_server.stop()
+        for s in self.samplers.values():
+            s.request_stop()
+        deadline = time.monotonic() + 1.0
+        for s in self.samplers.values():
+            s.stop(join_timeout=max(0.0, deadline - time.monotonic()))
+        log.info("looptune stopped")

@@ -1,0 +1,1 @@
+"""looptune tuners: bottleneck detection, tuner plugins, the control hook."""
