@@ -225,7 +225,6 @@ class GpuCollector:
         if self._events is None or not self._devices:
             return
         nv = self.nvml.module
-        by_handle = {id(d.handle): d for d in self._devices}
         for _ in range(1000):   # bounded: a storm of events must not pin the thread
             try:
                 data = nv.nvmlEventSetWait_v2(self._events, 0)
@@ -236,9 +235,9 @@ class GpuCollector:
                     raise
                 self.nvml.soft_errors += 1
                 return
-            d = by_handle.get(id(data.device))
-            if d is None:
-                d = next((x for x in self._devices if x.handle == data.device), None)
+            # handles are fresh ctypes objects per call: map back through the index
+            idx = self.nvml.query("nvmlDeviceGetIndex", "events", data.device)
+            d = self._devices[idx] if idx is not None and 0 <= idx < len(self._devices) else None
             if d is not None and data.eventType & nv.nvmlEventTypeXidCriticalError:
                 xid = int(data.eventData)
                 d.xid[xid] = d.xid.get(xid, 0) + 1

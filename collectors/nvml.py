@@ -85,6 +85,10 @@ class NVML:
             return default
         try:
             value = fn(*args)
+        except getattr(nv, "NVMLLibraryMismatchError", ()) as exc:
+            # a newer versioned entry point the installed driver lacks; not an NVMLError
+            self._skip(func, key, str(exc) or "driver lacks this entry point")
+            return default
         except nv.NVMLError as exc:
             name = error_name(exc)
             if name in _FATAL:
