@@ -89,6 +89,7 @@ class GpuCollector:
         self._events: Any = None
         self._unavailable: str | None = None
         self._next_init = 0.0
+        self._xid: dict[str, dict[int, int]] = {}   # uuid -> XID code -> count; survives re-init
         self.last: GpuSnapshot | None = None
 
     # ---- lifecycle ----
@@ -105,23 +106,30 @@ class GpuCollector:
             self._unavailable, self._next_init = str(exc), now + self.retry_seconds
             raise
         nv = self.nvml.module
-        count = nv.nvmlDeviceGetCount()
-        if count == 0:
-            self.nvml.shutdown()
-            msg = "NVML found no GPU on this host"
-            if self._unavailable is None:
-                log.warning("GPU collector down: %s", msg)
-            self._unavailable, self._next_init = msg, now + self.retry_seconds
-            raise NVMLUnavailable(msg)
-        self._driver = _text(nv.nvmlSystemGetDriverVersion())
-        devices = []
-        for i in range(count):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
-            pci = self.nvml.query("nvmlDeviceGetPciInfo", i, h)
-            devices.append(_Device(i, h, _text(nv.nvmlDeviceGetUUID(h)), _text(nv.nvmlDeviceGetName(h)),
-                                   _text(pci.busId) if pci is not None else ""))
+        try:
+            count = nv.nvmlDeviceGetCount()
+            if count == 0:
+                self.nvml.shutdown()
+                msg = "NVML found no GPU on this host"
+                if self._unavailable is None:
+                    log.warning("GPU collector down: %s", msg)
+                self._unavailable, self._next_init = msg, now + self.retry_seconds
+                raise NVMLUnavailable(msg)
+            self._driver = _text(nv.nvmlSystemGetDriverVersion())
+            devices = []
+            for i in range(count):
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                pci = self.nvml.query("nvmlDeviceGetPciInfo", i, h)
+                uuid = _text(nv.nvmlDeviceGetUUID(h))
+                devices.append(_Device(i, h, uuid, _text(nv.nvmlDeviceGetName(h)),
+                                       _text(pci.busId) if pci is not None else "",
+                                       xid=self._xid.setdefault(uuid, {})))
+            events = self._register_xid_events(devices)
+        except nv.NVMLError:
+            self.nvml.shutdown()   # NVML refcounts init: a failed init must not leave it open
+            raise
         self._devices = devices
-        self._events = self._register_xid_events(devices)
+        self._events = events
         if self._unavailable is not None:
             log.info("GPU collector up: %d GPU(s), driver %s", count, self._driver)
         else:

@@ -58,6 +58,7 @@ class _Retired:
     io: list[int] = field(default_factory=lambda: [0, 0])
     last_cpu: tuple[float, float] = (0.0, 0.0)  # exported values, kept monotonic
     last_io: tuple[int, int] = (0, 0)
+    rate_at: tuple[float, float] | None = None  # (monotonic, cpu seconds) for the CPU rate
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class JobSample:
     io_write_bytes: int | None
     gpu: dict[int, tuple[int | None, float | None]]  # gpu index -> (memory bytes, SM ratio)
     pids: tuple[int, ...] = ()
+    cpu_cores: float | None = None   # CPU use over the last sample interval, in cores
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,13 @@ class JobsCollector:
     name = "jobs"
 
     def __init__(self, patterns: Sequence[str], *, gpu_processes: Callable[[], Iterable[Any]] | None = None,
+                 registered: Callable[[], dict[int, tuple[str, str, str]]] | None = None,
                  memory_detail_interval: float = 10.0, max_jobs: int = 64, ps: Any = psutil,
                  self_pid: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.configure(patterns, memory_detail_interval, max_jobs)
         self._gpu_processes = gpu_processes
+        self._registered = registered     # pid -> (run, rank, world_size) from connected hooks
+        self._hooked: dict[int, tuple[str, str, str]] = {}
         self._ps = ps
         self._self_pid = os.getpid() if self_pid is None else self_pid
         self._clock = clock
@@ -175,6 +180,9 @@ class JobsCollector:
         return e.env
 
     def _ident(self, e: _Entry) -> tuple[str, str]:
+        hooked = self._hooked.get(e.id.pid)
+        if hooked is not None:        # the hook's own labels win over anything derived
+            return hooked[0], hooked[1]
         env = self._env(e)
         run = env.get("LOOPTUNE_RUN") or env.get("TORCHELASTIC_RUN_ID", "")
         if not run or run == "none":
@@ -192,13 +200,16 @@ class JobsCollector:
     # ---- jobs ----
 
     def _roots(self, gpu_pids: set[int]) -> list[_Entry]:
-        cands = {pid for pid, e in self._cache.items() if e.matched} | (gpu_pids & self._cache.keys())
+        cands = {pid for pid, e in self._cache.items() if e.matched} | (gpu_pids & self._cache.keys()) | \
+            (self._hooked.keys() & self._cache.keys())
         cands.discard(self._self_pid)
         roots = []
         for pid in cands:
             e = self._cache[pid]
             me = self._ident(e)
-            if not any(a in cands and self._ident(self._cache[a]) == me for a in self._ancestors(pid)):
+            hooked = pid in self._hooked
+            if not any(a in cands and (self._ident(self._cache[a]) == me or (a in self._hooked and not hooked))
+                       for a in self._ancestors(pid)):
                 roots.append(e)
         root_pids = {e.id.pid for e in roots}
         # a launcher (torchrun) without RANK whose children are ranked jobs is not a job itself
@@ -222,6 +233,7 @@ class JobsCollector:
 
     def sample(self) -> JobsSnapshot:
         self._refresh()
+        self._hooked = dict(self._registered()) if self._registered else {}
         gpu = list(self._gpu_processes() or ()) if self._gpu_processes else []
         gpu_by_pid: dict[int, list[Any]] = {}
         for gp in gpu:
@@ -294,6 +306,10 @@ class JobsCollector:
         r = self._retired.setdefault(root.id, _Retired())
         cpu = (max(r.last_cpu[0], r.cpu[0] + user), max(r.last_cpu[1], r.cpu[1] + system))
         r.last_cpu = cpu
+        cores = None
+        if r.rate_at is not None and now > r.rate_at[0]:
+            cores = (cpu[0] + cpu[1] - r.rate_at[1]) / (now - r.rate_at[0])
+        r.rate_at = (now, cpu[0] + cpu[1])
         if io_r is not None and io_w is not None:
             io = (max(r.last_io[0], r.io[0] + io_r), max(r.last_io[1], r.io[1] + io_w))
             r.last_io = io
@@ -307,12 +323,14 @@ class JobsCollector:
                     sm = min(1.0, (sm or 0.0) + gp.sm_ratio)
                 gpu[gp.gpu] = (mem, sm)
         run, rank = self._ident(root)
-        return JobSample(run=run, rank=rank, world_size=self._env(root).get("WORLD_SIZE", "1"),
+        world = self._hooked[root.id.pid][2] if root.id.pid in self._hooked else \
+            self._env(root).get("WORLD_SIZE", "1")
+        return JobSample(run=run, rank=rank, world_size=world,
                          root_pid=root.id.pid, processes=len(live), cpu_user_seconds=cpu[0],
                          cpu_system_seconds=cpu[1], rss_bytes=rss, uss_bytes=uss, pss_bytes=pss,
                          io_read_bytes=r.last_io[0] if io_r is not None else None,
                          io_write_bytes=r.last_io[1] if io_w is not None else None,
-                         gpu=gpu, pids=tuple(e.id.pid for e in live))
+                         gpu=gpu, pids=tuple(e.id.pid for e in live), cpu_cores=cores)
 
     # ---- exposition ----
 

@@ -90,6 +90,24 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     return install_service(root=args.root, bin_path=args.bin)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from daemon import status
+
+    if args.socket:
+        paths = [args.socket]
+    elif os.environ.get("LOOPTUNE_SOCKET"):
+        paths = [os.environ["LOOPTUNE_SOCKET"]]
+    else:
+        try:
+            config, _ = cfg.load_resolved(args.config)
+        except cfg.ConfigError:
+            config = cfg.Config()
+        paths = [config.daemon.socket] if config.daemon.socket else \
+            ["/run/looptune/looptune.sock"] + [p for p in cfg.default_socket_paths()
+                                                if p != "/run/looptune/looptune.sock"]
+    return status.main(paths, args.watch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="looptune", description="Monitor and auto-tune PyTorch training jobs.")
     p.add_argument("--version", action="version", version=f"looptune {__version__}")
@@ -110,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config")
     show.add_argument("--defaults", action="store_true", help="print the commented default config.yaml")
     show.set_defaults(func=cmd_config_show)
+
+    st = sub.add_parser("status", help="the training jobs on this node, from the daemon")
+    st.add_argument("--socket", help="daemon socket (default: $LOOPTUNE_SOCKET, then the daemon's default)")
+    st.add_argument("--config", help="config file whose daemon.socket to use")
+    st.add_argument("--watch", "-w", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                    help="refresh like top (default every 2 s)")
+    st.set_defaults(func=cmd_status)
 
     i = sub.add_parser("install-service", help="install the systemd unit and /etc/looptune/config.yaml")
     i.add_argument("--root", default="/", help="install under this directory instead of /")

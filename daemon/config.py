@@ -24,7 +24,7 @@ SYSTEM_CONFIG = "/etc/looptune/config.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """One or more problems in a config file; `problems` holds one line each."""
 
     def __init__(self, problems: list[str], source: str = "<config>") -> None:
@@ -62,8 +62,8 @@ def _check_regex(value: str) -> str | None:
     return None
 
 
-def _check_uid(value: int) -> str | None:
-    return None if value >= 0 else "is not a uid (>= 0)"
+def _check_listen_or_empty(value: str) -> str | None:
+    return _check_listen(value) if value else None
 
 
 @dataclass
@@ -85,6 +85,8 @@ class DaemonConfig:
                           "$XDG_RUNTIME_DIR/looptune/looptune.sock or /tmp/looptune-UID/looptune.sock. "
                           "Changes need a restart.")
     log_level: str = opt("info", "Log verbosity.", choices=LOG_LEVELS)
+    allowed_uids: list[int] = opt([], "Users (uids) that may connect to the socket. Empty: any local user, "
+                                      "each seeing and tuning only its own jobs.", lo=0, hi=2**32 - 1)
     tls: TLS = section(TLS, "Optional TLS for /metrics, through prometheus-client's own support.")
 
 
@@ -119,6 +121,20 @@ class JobsConfig:
         10.0, "How often USS/PSS are read per process; they walk the page tables, so slower than RSS.",
         lo=1, hi=600)
     max_jobs: int = opt(64, "At most this many jobs are exported, to bound label values.", lo=1, hi=4096)
+    grace_seconds: float = opt(60.0, "A job whose hook disconnected stays exported this long with its last "
+                                     "counters, then is dropped.", lo=1, hi=3600)
+
+
+@dataclass
+class HookConfig:
+    report_interval_seconds: float = opt(1.0, "How often the hook sends its counters to the daemon.",
+                                         lo=0.1, hi=60)
+    reconnect_max_seconds: float = opt(2.0, "Longest wait between attempts to reach a daemon that went away.",
+                                       lo=0.1, hi=60)
+    max_failures: int = opt(10, "Exceptions inside the hook before it disables itself; training goes on "
+                                "untouched.", lo=1, hi=1000)
+    embedded_metrics_listen: str = opt("", "HOST:PORT where a hook that found no daemon serves its own "
+                                           "/metrics. Empty: off.", check=_check_listen_or_empty)
 
 
 @dataclass
@@ -126,6 +142,7 @@ class Config:
     daemon: DaemonConfig = section(DaemonConfig, "The service itself.")
     collectors: CollectorsConfig = section(CollectorsConfig, "What is sampled and how often.")
     jobs: JobsConfig = section(JobsConfig, "How training jobs are recognised before their hook registers them.")
+    hook: HookConfig = section(HookConfig, "The in-process hook (tuners.hook.Hook) of each training job.")
 
 
 # ---- loading and validation ----

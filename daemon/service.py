@@ -22,12 +22,21 @@ from collectors.jobs import JobsCollector
 from daemon import __version__
 from daemon import config as cfg
 from daemon.sdnotify import Notifier
-from daemon.server import SocketServer
+from collectors.hookjobs import HookJobsCollector
+from daemon.hooks import HookRegistry
+from daemon.server import HookServer
 
 log = logging.getLogger("looptune.daemon")
 
 TICK_SECONDS = 0.25
 STATUS_EVERY_SECONDS = 5.0
+
+
+def _owned_by(pid: int, uid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == uid
+    except OSError:
+        return False
 
 
 def set_log_level(level: str) -> None:
@@ -54,7 +63,8 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.http_server: Any = None
-        self.socket_server: SocketServer | None = None
+        self.socket_server: HookServer | None = None
+        self.hooks = HookRegistry(grace_seconds=config.jobs.grace_seconds)
         self.address: tuple[str, int] | None = None
 
     # ---- collectors ----
@@ -73,9 +83,18 @@ class Daemon:
                 return snap.processes if snap is not None else []
 
             return JobsCollector(c.jobs.match, gpu_processes=gpu_processes if c.jobs.gpu_processes else None,
+                                 registered=self.hooks.registered_pids,
                                  memory_detail_interval=c.jobs.memory_detail_interval_seconds,
                                  max_jobs=c.jobs.max_jobs)
+        if name == "hooks":
+            return HookJobsCollector(self.hooks.views, self._rejected, self._connections)
         raise KeyError(name)
+
+    def _rejected(self) -> dict[str, int]:
+        return dict(self.socket_server.rejected) if self.socket_server is not None else {}
+
+    def _connections(self) -> int:
+        return self.socket_server.connections() if self.socket_server is not None else 0
 
     def _interval(self, name: str) -> float:
         toggle = getattr(self.config.collectors, name, None)
@@ -86,8 +105,8 @@ class Daemon:
         """Start, stop and re-time samplers to match the config (at start and on reload)."""
         col = self.config.collectors
         timeout = col.timeout_seconds
-        for name in ("host", "gpu", "jobs"):   # gpu before jobs: jobs reads the GPU processes
-            enabled = getattr(col, name).enabled
+        for name in ("host", "gpu", "jobs", "hooks"):   # gpu before jobs: jobs reads the GPU processes
+            enabled = getattr(col, name).enabled if name != "hooks" else True
             s = self.samplers.get(name)
             if enabled and s is None:
                 s = Sampler(self._make(name), self._interval(name), timeout)
@@ -97,6 +116,7 @@ class Daemon:
                 self.samplers.pop(name).stop()
             elif s is not None:
                 s.set_interval(self._interval(name), timeout)
+        self.hooks.grace_seconds = self.config.jobs.grace_seconds
         jobs = self.samplers.get("jobs")
         if jobs is not None:
             j = self.config.jobs
@@ -124,7 +144,10 @@ class Daemon:
             client_cafile=tls.client_ca_file or None, client_auth_required=tls.client_auth_required)
         self.address = self.http_server.server_address[:2]
         try:
-            self.socket_server = SocketServer(self.socket_path)
+            self.socket_server = HookServer(self.socket_path, self.hooks,
+                                            allowed_uids=self.config.daemon.allowed_uids,
+                                            report_interval=self.config.hook.report_interval_seconds,
+                                            status_provider=self.status_jobs)
         except Exception:
             self.http_server.shutdown()
             self.http_server.server_close()
@@ -187,6 +210,9 @@ class Daemon:
             self.notifier.ready()
             return False
         old = self.config
+        if self.socket_server is not None:
+            self.socket_server.allowed_uids = set(new.daemon.allowed_uids)
+            self.socket_server.report_interval = new.hook.report_interval_seconds
         for key in ("listen", "socket", "tls"):
             if getattr(new.daemon, key) != getattr(old.daemon, key):
                 log.warning("daemon.%s changed; it takes effect at the next restart", key)
@@ -198,6 +224,31 @@ class Daemon:
         log.info("config reloaded from %s", path or "built-in defaults")
         self.notifier.ready()
         return True
+
+    def status_jobs(self, uid: int) -> list[dict[str, Any]]:
+        """What `looptune status` shows: hook figures joined with process-tree figures, own jobs only
+        (root sees all)."""
+        views = {(v.run, v.rank): v for v in self.hooks.views(None if uid == 0 else uid)}
+        jobs_sampler = self.samplers.get("jobs")
+        snap = jobs_sampler.status().snapshot if jobs_sampler is not None else None
+        tree = {(j.run, j.rank): j for j in (snap.jobs if snap is not None else [])}
+        out = []
+        for key in sorted(set(views) | set(tree)):
+            v, t = views.get(key), tree.get(key)
+            if v is None and uid != 0 and not _owned_by(t.root_pid, uid):
+                continue
+            out.append({
+                "run": key[0], "rank": key[1], "hook": v is not None,
+                "pid": v.pid if v else t.root_pid,
+                "samples_per_second": v.samples_per_second if v else None,
+                "data_wait_share": v.data_wait_share if v else None,
+                "knobs": v.knobs if v else {}, "last_decision": v.last_decision if v else None,
+                "connected": v.connected if v else None, "disabled": v.disabled if v else None,
+                "cpu_cores": t.cpu_cores if t else None, "processes": t.processes if t else None,
+                "rss_bytes": t.rss_bytes if t else None,
+                "gpu": {str(g): {"memory_bytes": m, "sm_ratio": sm} for g, (m, sm) in t.gpu.items()} if t else {},
+            })
+        return out
 
     def shutdown(self) -> None:
         self.notifier.stopping()
