@@ -100,13 +100,15 @@ class Sampler:
         start = self._clock()
         with self._lock:
             self._started_at = start
+            self._hang_counted = False           # a new sample: a new hang episode if it hangs
         try:
             snapshot = self.collector.sample()
         except Exception as exc:  # noqa: BLE001 - any collector failure is counted, never fatal
             unavailable = isinstance(exc, CollectorUnavailable)
             with self._lock:
                 first = not self._failing
-                if first or not unavailable:
+                # a sample that hung and then failed was counted when it was found hung
+                if (first or not unavailable) and not self._hang_counted:
                     self._errors += 1
                 self._up = False
                 self._started_at = None

@@ -55,7 +55,8 @@ class DaemonExporter:
             ok = st.up and st.snapshot is not None
             if ok:
                 try:
-                    served.extend(s.collector.families(st.snapshot))
+                    # all or nothing: families() is often a generator that fails halfway
+                    served.extend(list(s.collector.families(st.snapshot)))
                 except Exception:  # noqa: BLE001 - one collector must not fail the scrape
                     log.exception("collector %s: exposition failed", s.name)
                     s.count_error()
@@ -80,6 +81,8 @@ class DaemonExporter:
                                   "config stayed in force.", value=r.failures)
         if self._extra is not None:
             try:
-                yield from self._extra()
+                extra = list(self._extra())
             except Exception:  # noqa: BLE001
                 log.exception("extra metrics failed")
+            else:
+                yield from extra

@@ -128,3 +128,39 @@ class HookJobsCollector:
 
     def close(self) -> None:
         pass
+
+
+BOTTLENECK_KINDS = ("input", "cpu", "gpu", "memory_headroom", "communication", "none")
+
+
+def tuner_families(outcomes: dict[tuple[str, str, str, str], int],
+                   verdicts: dict[tuple[str, str], str]) -> Iterable[Metric]:
+    """The engine's decisions and verdicts: (run, tuner, knob, outcome) -> count; (run, rank) -> kind."""
+    dec = CounterMetricFamily("looptune_tuner_decisions", "Finished knob trials, by outcome: kept, "
+                              "rolled_back, failed.", labels=["run", "tuner", "knob", "outcome"])
+    for (run, tuner, knob, outcome), n in sorted(outcomes.items()):
+        dec.add_metric([run, tuner, knob, outcome], n)
+    yield dec
+    bott = GaugeMetricFamily("looptune_job_bottleneck", "What holds the job back now: 1 for the current "
+                             "verdict, 0 for the other kinds.", labels=["run", "rank", "kind"])
+    for (run, rank), kind in sorted(verdicts.items()):
+        for k in BOTTLENECK_KINDS:
+            bott.add_metric([run, rank, k], 1.0 if k == kind else 0.0)
+    yield bott
+
+
+class TunerCollector:
+    """The engine's decision counts and bottleneck verdicts, sampled like every other collector."""
+    name = "tuners"
+
+    def __init__(self, state: Callable[[], tuple[dict[Any, int], dict[tuple[str, str], str]]]) -> None:
+        self._state = state
+
+    def sample(self) -> tuple[dict[Any, int], dict[tuple[str, str], str]]:
+        return self._state()
+
+    def families(self, snap: tuple[dict[Any, int], dict[tuple[str, str], str]]) -> Iterable[Metric]:
+        return tuner_families(*snap)
+
+    def close(self) -> None:
+        pass

@@ -50,6 +50,7 @@ class _Entry:
     uss: int | None = None
     pss: int | None = None
     detail_at: float = float("-inf")
+    rss: int = 0
 
 
 @dataclass
@@ -78,6 +79,8 @@ class JobSample:
     gpu: dict[int, tuple[int | None, float | None]]  # gpu index -> (memory bytes, SM ratio)
     pids: tuple[int, ...] = ()
     cpu_cores: float | None = None   # CPU use over the last sample interval, in cores
+    worker_uss_bytes: int | None = None   # USS of the tree without its root (loader workers)
+    root_rss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -123,12 +126,15 @@ class JobsCollector:
         self.last: JobsSnapshot | None = None
 
     def configure(self, patterns: Sequence[str], memory_detail_interval: float, max_jobs: int) -> None:
-        """Apply a reloaded config; already-cached processes are matched again."""
+        """Apply a reloaded config; already-cached processes are matched again at the next sample.
+
+        Called from the main loop while the sampler thread may be filling the cache: the cache is
+        only touched in the sampler thread.
+        """
         self._patterns = [re.compile(p) for p in patterns]
         self.memory_detail_interval = memory_detail_interval
         self.max_jobs = max_jobs
-        for e in getattr(self, "_cache", {}).values():
-            e.matched = self._matches(e.cmdline)
+        self._rematch = True
 
     def _matches(self, cmdline: list[str]) -> bool:
         text = " ".join(cmdline)
@@ -137,6 +143,10 @@ class JobsCollector:
     # ---- process table ----
 
     def _refresh(self) -> None:
+        if self._rematch:
+            self._rematch = False
+            for e in self._cache.values():
+                e.matched = self._matches(e.cmdline)
         pids = set(self._ps.pids())
         for pid in list(self._cache):
             if pid not in pids:
@@ -189,6 +199,16 @@ class JobsCollector:
             run = derive_run(e.cmdline)
         return _clean(run), env.get("RANK", "0")
 
+    def _ranked(self, e: _Entry) -> bool:
+        return e.id.pid in self._hooked or "RANK" in self._env(e)
+
+    def _key(self, e: _Entry) -> tuple[str, str | None]:
+        """Run, and rank only where one is set: a process with the same key as a matched
+        ancestor belongs to that ancestor's job. A launcher without RANK derives the same run
+        as its rank 0 (torchrun train.py, python train.py); they must stay apart."""
+        run, rank = self._ident(e)
+        return run, rank if self._ranked(e) else None
+
     def _ancestors(self, pid: int) -> Iterable[int]:
         seen = 0
         e = self._cache.get(pid)
@@ -206,15 +226,16 @@ class JobsCollector:
         roots = []
         for pid in cands:
             e = self._cache[pid]
-            me = self._ident(e)
+            me = self._key(e)
             hooked = pid in self._hooked
-            if not any(a in cands and (self._ident(self._cache[a]) == me or (a in self._hooked and not hooked))
+            if not any(a in cands and (self._key(self._cache[a]) == me or (a in self._hooked and not hooked))
                        for a in self._ancestors(pid)):
                 roots.append(e)
         root_pids = {e.id.pid for e in roots}
-        # a launcher (torchrun) without RANK whose children are ranked jobs is not a job itself
-        launchers = {a for e in roots for a in self._ancestors(e.id.pid) if a in root_pids}
-        return [e for e in roots if not (e.id.pid in launchers and "RANK" not in self._env(e))]
+        # a launcher (torchrun) without RANK whose children are ranked jobs is not a job itself;
+        # a job that merely starts another matched command (an eval script) stays a job
+        launchers = {a for e in roots if self._ranked(e) for a in self._ancestors(e.id.pid) if a in root_pids}
+        return [e for e in roots if not (e.id.pid in launchers and not self._ranked(e))]
 
     def _trees(self, roots: list[_Entry]) -> dict[int, list[_Entry]]:
         children: dict[int, list[int]] = {}
@@ -271,10 +292,13 @@ class JobsCollector:
                     if not e.proc.is_running():       # pid reused since we cached it
                         raise ps.NoSuchProcess(e.id.pid)
                     t = e.proc.cpu_times()
-                    rss += e.proc.memory_info().rss
+                    e.rss = int(e.proc.memory_info().rss)
+                    rss += e.rss
                     try:
                         c = e.proc.io_counters()
-                        e.io = (int(c.read_bytes), int(c.write_bytes))
+                        # a zombie reads zeros: keep the last real reading, the one retired
+                        last = e.io or (0, 0)
+                        e.io = (max(last[0], int(c.read_bytes)), max(last[1], int(c.write_bytes)))
                     except (ps.AccessDenied, AttributeError):
                         e.io = None
                     if now - e.detail_at >= self.memory_detail_interval:
@@ -285,9 +309,9 @@ class JobsCollector:
                         except ps.AccessDenied:
                             e.uss = e.pss = None
             except (ps.NoSuchProcess, ps.ZombieProcess, ProcessLookupError):
+                self._retire(self._cache.pop(e.id.pid, e))   # a reused pid is read afresh next time
                 if e.id == root.id:
                     return None
-                self._retire(self._cache.pop(e.id.pid, e))
                 continue
             except ps.AccessDenied:
                 continue
@@ -330,7 +354,9 @@ class JobsCollector:
                          cpu_system_seconds=cpu[1], rss_bytes=rss, uss_bytes=uss, pss_bytes=pss,
                          io_read_bytes=r.last_io[0] if io_r is not None else None,
                          io_write_bytes=r.last_io[1] if io_w is not None else None,
-                         gpu=gpu, pids=tuple(e.id.pid for e in live), cpu_cores=cores)
+                         gpu=gpu, pids=tuple(e.id.pid for e in live), cpu_cores=cores,
+                         worker_uss_bytes=_sum_or_none(e.uss for e in live if e.id != root.id),
+                         root_rss_bytes=root.rss if root in live else None)
 
     # ---- exposition ----
 
@@ -373,6 +399,15 @@ class JobsCollector:
 
     def close(self) -> None:
         pass
+
+
+def _sum_or_none(values: Iterable[int | None]) -> int | None:
+    total = 0
+    for v in values:
+        if v is None:
+            return None
+        total += v
+    return total
 
 
 def _renamed(job: JobSample, run: str) -> JobSample:

@@ -133,8 +133,44 @@ class HookConfig:
                                        lo=0.1, hi=60)
     max_failures: int = opt(10, "Exceptions inside the hook before it disables itself; training goes on "
                                 "untouched.", lo=1, hi=1000)
+    sync_every_steps: int = opt(8, "Under torch.distributed, rank 0 shares its pending decisions with every "
+                                   "rank every this many steps (one small broadcast), so all apply at the "
+                                   "same step.", lo=1, hi=100000)
     embedded_metrics_listen: str = opt("", "HOST:PORT where a hook that found no daemon serves its own "
                                            "/metrics. Empty: off.", check=_check_listen_or_empty)
+
+
+def _check_tuner(name: str) -> str | None:
+    from tuners.registry import available
+    known = available()
+    return None if name in known else f"is not a known tuner; known: {', '.join(sorted(known))}"
+
+
+@dataclass
+class WorkersTunerConfig:
+    max_workers: int = opt(32, "Most DataLoader workers the tuner will set.", lo=0, hi=1024)
+    memory_budget_bytes: int = opt(0, "Memory all loader workers of a job may use together (their USS), "
+                                      "bytes. 0: memory_budget_share of the host's available memory.", lo=0)
+    memory_budget_share: float = opt(0.25, "Share of the host's available memory for a job's workers when "
+                                           "memory_budget_bytes is 0.", lo=0.01, hi=0.9)
+
+
+@dataclass
+class TunersConfig:
+    enabled: list[str] = opt(["workers"], "Tuner plugins to run (built-in: workers; more through the "
+                                          "entry-point group looptune.tuners).", check=_check_tuner)
+    window_seconds: float = opt(1.0, "Length of one measurement window.", lo=0.2, hi=60)
+    baseline_windows: int = opt(3, "Windows at the current setting a trial compares against.", lo=1, hi=60)
+    measure_windows: int = opt(3, "Windows measured at the new setting before keep or roll back.", lo=1, hi=60)
+    settle_windows: int = opt(1, "Windows skipped after a change (workers starting).", lo=0, hi=60)
+    min_gain: float = opt(0.03, "Relative samples/s gain a change must show to be kept.", lo=0, hi=1)
+    regression_bound: float = opt(0.25, "A window this far below the baseline (twice) rolls back at once.",
+                                  lo=0.01, hi=1)
+    cooldown_windows: int = opt(3, "Windows without trials after a roll back.", lo=0, hi=600)
+    state_file: str = opt("", "Where the best settings per run and dataset are kept. Empty: "
+                              "$STATE_DIRECTORY/best.json or /var/lib/looptune/best.json for the daemon, "
+                              "~/.cache/looptune/best.json for an embedded hook.")
+    workers: WorkersTunerConfig = section(WorkersTunerConfig, "The DataLoader workers tuner.")
 
 
 @dataclass
@@ -143,6 +179,7 @@ class Config:
     collectors: CollectorsConfig = section(CollectorsConfig, "What is sampled and how often.")
     jobs: JobsConfig = section(JobsConfig, "How training jobs are recognised before their hook registers them.")
     hook: HookConfig = section(HookConfig, "The in-process hook (tuners.hook.Hook) of each training job.")
+    tuners: TunersConfig = section(TunersConfig, "Bottleneck detection and the tuners that act on it.")
 
 
 # ---- loading and validation ----

@@ -29,6 +29,8 @@ class HookJob:
     tune: bool
     report: dict[str, Any] | None = None
     report_time: float = 0.0              # unix time of the last report
+    report_mono: float = 0.0              # monotonic time of the last report
+    seq: int = 0                          # reports received
     prev: tuple[float, dict[str, float]] | None = None   # (monotonic, counters) of the report before
     rate_samples: float | None = None
     wait_share: float | None = None
@@ -46,6 +48,8 @@ class HookRegistry:
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, int], HookJob] = {}
+        # the daemon's engine hears each acknowledgement (called in the socket thread)
+        self.on_applied: Callable[[HookJob, dict[str, Any]], None] | None = None
 
     def register(self, conn_id: int, uid: int, hello: dict[str, Any]) -> HookJob:
         key = (hello["run"], hello["rank"])
@@ -84,8 +88,12 @@ class HookRegistry:
             job.report = rep
             job.world_size = rep["world_size"]
             job.report_time = time.time()
+            job.report_mono = now
+            job.seq += 1
 
     def decision_outcome(self, job: HookJob, applied: dict[str, Any]) -> None:
+        if self.on_applied is not None:
+            self.on_applied(job, applied)
         with self._lock:
             for d in job.decisions:
                 if d.get("id") == applied["id"]:
@@ -111,6 +119,10 @@ class HookRegistry:
             for j in gone:
                 del self._jobs[j.key]
             return gone
+
+    def connected(self) -> list[HookJob]:
+        with self._lock:
+            return [j for j in self._jobs.values() if j.conn_id is not None and j.report is not None]
 
     def find(self, run: str, rank: int) -> HookJob | None:
         with self._lock:

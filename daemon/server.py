@@ -258,6 +258,9 @@ class HookServer:
                 self._handle(conn, line)
             except ProtocolError as exc:
                 self._reject(conn, exc.reason, exc.detail)
+            except Exception:  # noqa: BLE001 - a bug reached by client input: drop this client, not the loop
+                log.exception("unexpected error handling a message from pid %d uid %d", conn.pid, conn.uid)
+                self._reject(conn, "invalid", "message could not be processed")
 
     def _take_token(self, conn: Conn) -> bool:
         now = time.monotonic()

@@ -22,9 +22,11 @@ from collectors.jobs import JobsCollector
 from daemon import __version__
 from daemon import config as cfg
 from daemon.sdnotify import Notifier
-from collectors.hookjobs import HookJobsCollector
+from collectors.hookjobs import HookJobsCollector, TunerCollector
 from daemon.hooks import HookRegistry
 from daemon.server import HookServer
+from tuners import engine as tuning
+from tuners import observe
 
 log = logging.getLogger("looptune.daemon")
 
@@ -65,6 +67,9 @@ class Daemon:
         self.http_server: Any = None
         self.socket_server: HookServer | None = None
         self.hooks = HookRegistry(grace_seconds=config.jobs.grace_seconds)
+        self.engine: tuning.Engine | None = None
+        self._engine_lock = threading.Lock()     # the main loop observes, the socket thread acknowledges
+        self._seen: dict[tuple[str, int], int] = {}
         self.address: tuple[str, int] | None = None
 
     # ---- collectors ----
@@ -88,6 +93,8 @@ class Daemon:
                                  max_jobs=c.jobs.max_jobs)
         if name == "hooks":
             return HookJobsCollector(self.hooks.views, self._rejected, self._connections)
+        if name == "tuners":
+            return TunerCollector(self._tuner_state)
         raise KeyError(name)
 
     def _rejected(self) -> dict[str, int]:
@@ -105,8 +112,8 @@ class Daemon:
         """Start, stop and re-time samplers to match the config (at start and on reload)."""
         col = self.config.collectors
         timeout = col.timeout_seconds
-        for name in ("host", "gpu", "jobs", "hooks"):   # gpu before jobs: jobs reads the GPU processes
-            enabled = getattr(col, name).enabled if name != "hooks" else True
+        for name in ("host", "gpu", "jobs", "hooks", "tuners"):   # gpu before jobs: jobs reads GPU processes
+            enabled = getattr(col, name).enabled if name in ("host", "gpu", "jobs") else True
             s = self.samplers.get(name)
             if enabled and s is None:
                 s = Sampler(self._make(name), self._interval(name), timeout)
@@ -132,6 +139,8 @@ class Daemon:
 
     def start(self) -> None:
         set_log_level(self.config.daemon.log_level)
+        self.engine = tuning.from_config(self.config, self._send_decision, daemon=True)
+        self.hooks.on_applied = self._on_applied
         self._sync_samplers()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(DaemonExporter(lambda: list(self.samplers.values()), __version__, self.reload_state))
@@ -173,6 +182,10 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            try:
+                self.tune_tick()
+            except Exception:  # noqa: BLE001 - a tuning bug must not stop the monitoring
+                log.exception("tuning failed this tick")
             now = time.monotonic()
             if ping_every and now >= next_ping and self.healthy():
                 self.notifier.watchdog()
@@ -182,6 +195,52 @@ class Daemon:
                 next_status = now + STATUS_EVERY_SECONDS
         self.shutdown()
         return 0
+
+    # ---- tuning ----
+
+    def tune_tick(self) -> None:
+        """Feed each hooked job's new report to the engine (rank 0 decides; other ranks get verdicts)."""
+        if self.engine is None:
+            return
+        jobs_s, host_s, gpu_s = (self.samplers.get(n) for n in ("jobs", "host", "gpu"))
+        tree_snap = jobs_s.status().snapshot if jobs_s is not None else None
+        tree = {(j.run, j.rank): j for j in (tree_snap.jobs if tree_snap is not None else [])}
+        host = host_s.status().snapshot if host_s is not None else None
+        gpu = gpu_s.status().snapshot if gpu_s is not None else None
+        gpu_total = {g.index: g.values.get("memory_total_bytes", 0.0) for g in gpu.gpus} if gpu is not None else {}
+        live = set()
+        for job in self.hooks.connected():
+            key = (job.run, job.rank)
+            live.add(key)
+            if self._seen.get(key) == job.seq:
+                continue
+            self._seen[key] = job.seq
+            obs = observe.build(job.report_mono, job.report, tree.get((job.run, str(job.rank))),
+                                host_available_bytes=host.memory_available_bytes if host is not None else None,
+                                gpu_memory_total=gpu_total, pid=job.pid)
+            names = (job.tuners or None) if job.tune and job.rank == 0 else []
+            with self._engine_lock:
+                self.engine.observe(key, job.run, obs, tuners=names)
+        with self._engine_lock:
+            for key in [k for k in self.engine.jobs if k not in live]:
+                self.engine.forget(key)
+                self._seen.pop(key, None)
+
+    def _send_decision(self, key: tuple[str, int], decision: dict[str, Any]) -> bool:
+        job = self.hooks.find(*key)
+        return job is not None and self.socket_server is not None and \
+            self.socket_server.send_decision(job, decision)
+
+    def _on_applied(self, job: Any, applied: dict[str, Any]) -> None:
+        if self.engine is not None:
+            with self._engine_lock:
+                self.engine.applied((job.run, job.rank), applied["id"], applied["outcome"], applied["detail"])
+
+    def _tuner_state(self) -> tuple[dict[Any, int], dict[tuple[str, str], str]]:
+        if self.engine is None:
+            return {}, {}
+        with self._engine_lock:
+            return dict(self.engine.outcomes), {(k[0], str(k[1])): v for k, v in self.engine.verdicts().items()}
 
     def healthy(self) -> bool:
         return all(not s.status().hung for s in self.samplers.values())
@@ -210,6 +269,17 @@ class Daemon:
             self.notifier.ready()
             return False
         old = self.config
+        if new.tuners != old.tuners:
+            try:
+                engine = tuning.from_config(new, self._send_decision, daemon=True)
+            except Exception as exc:  # noqa: BLE001 - a plugin that fails to load rejects the reload
+                self.reload_state.successful = False
+                self.reload_state.failures += 1
+                log.error("config reload rejected, keeping the running config: %s", exc)
+                self.notifier.ready()
+                return False
+            with self._engine_lock:
+                self.engine = engine
         if self.socket_server is not None:
             self.socket_server.allowed_uids = set(new.daemon.allowed_uids)
             self.socket_server.report_interval = new.hook.report_interval_seconds

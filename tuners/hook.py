@@ -80,6 +80,19 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
+def _signature(loader: Any) -> str:
+    """Names the data a setting was found for: dataset type and size, batch size, sampler type."""
+    import hashlib
+    ds = getattr(loader, "dataset", loader)
+    try:
+        size = len(ds)
+    except TypeError:
+        size = -1
+    parts = [type(ds).__module__, type(ds).__qualname__, str(size), str(getattr(loader, "batch_size", None)),
+             type(getattr(loader, "sampler", None)).__name__]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
 def _rank_world() -> tuple[int, int]:
     dist = sys.modules.get("torch.distributed")
     try:
@@ -98,7 +111,12 @@ def _default_run() -> str:
     rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if rid and rid != "none":
         return _clean(rid)
-    return derive_run([sys.executable] + sys.argv)
+    argv = list(sys.argv)
+    if argv and os.path.basename(argv[0]) == "__main__.py":
+        # `python -m pkg`: sys.argv[0] is .../pkg/__main__.py; name the run `pkg`, as the daemon does
+        # from the command line, not `__main__`
+        argv = ["-m", os.path.basename(os.path.dirname(os.path.abspath(argv[0])))] + argv[1:]
+    return derive_run([sys.executable] + argv)
 
 
 def _load_config(config: Any) -> Any:
@@ -116,42 +134,28 @@ def _load_config(config: Any) -> Any:
     return cfg.load(config)
 
 
-class WatchedLoader:
-    """Iterates like the DataLoader it wraps (same batches, same order) and times the waits."""
-
-    def __init__(self, hook: Hook, loader: Any) -> None:
-        self._hook = hook
-        self.loader = loader
-
-    def __iter__(self) -> Iterator[Any]:
-        h = self._hook
-        h._t_step = _perf()
-        return _WatchedIter(h, iter(self.loader))
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loader, name)
-
-
 class _WatchedIter:
-    __slots__ = ("_hook", "_it")
+    """The per-batch path: two clock reads and three additions around the real next()."""
+    __slots__ = ("_hook", "_w")
 
-    def __init__(self, hook: Hook, it: Iterator[Any]) -> None:
+    def __init__(self, hook: Hook, watched: Any) -> None:
         self._hook = hook
-        self._it = it
+        self._w = watched       # tuners.loader.WatchedLoader: its `it` may be swapped at a step boundary
 
     def __iter__(self) -> _WatchedIter:
         return self
 
     def __next__(self) -> Any:
         h = self._hook
+        w = self._w
         if h._off:
-            return next(self._it)
+            batch = next(w.it)
+            w.delivered += 1
+            return batch
         t0 = _perf()
-        batch = next(self._it)
+        batch = next(w.it)
         t1 = _perf()
+        w.delivered += 1
         try:
             h._data_wait += t1 - t0
             h._batches += 1
@@ -182,8 +186,16 @@ class Hook:
         self.knobs: dict[str, Any] = {}
         self.decisions: list[Decision] = []
         self.actuators: dict[str, Actuator] = {}
+        self.untunable: dict[str, str] = {}
+        self.signature = ""
+        self._watched: Any = None
+        self._sync_every = 0
+        self._sync_steps = 0
+        self.tune: bool | list[str] = tune
         self.mode = "embedded"
         self._channel: _Channel | None = None
+        self._engine: Any = None
+        self._tree: Any = None
         self._metrics_server: Any = None
         try:
             self.config = _load_config(config)
@@ -194,11 +206,21 @@ class Hook:
             self.tune = tune
             self.tuners = list(tune) if isinstance(tune, (list, tuple)) else []
             self.rank, self.world_size = _rank_world()
+            if isinstance(tune, (list, tuple)):
+                from tuners.registry import available
+                unknown = [n for n in tune if n not in available()]
+                if unknown:
+                    raise ValueError(f"unknown tuner(s) {', '.join(map(repr, unknown))}; known: "
+                                     f"{', '.join(sorted(available()))}")
+            self._decide_sync()
             self.socket_paths = self._socket_paths(socket)
             self._channel = _Channel(self)
             self._channel.start()
             if self.mode == "embedded":
-                self._start_embedded_metrics()
+                try:
+                    self._start_embedded_metrics()
+                except Exception as exc:  # noqa: BLE001 - a busy port costs the /metrics, not the measurement
+                    self._failed(exc)
             ref = weakref.ref(self)
             os.register_at_fork(after_in_child=lambda: (h := ref()) is not None and h._after_fork_child())
             atexit.register(self.close)
@@ -208,27 +230,75 @@ class Hook:
             self.max_failures = getattr(self, "max_failures", 10)
             self._failed(exc)
             self._off = True
+            if self._channel is not None:     # started already: no reporter left running for a dead hook
+                self._channel.stop()
 
     # ---- the user's API ----
 
     def watch(self, loader: Any) -> Any:
-        """Wrap a DataLoader (or any iterable of batches); the result yields the same batches."""
+        """Wrap a DataLoader (or any iterable of batches); the result yields the same batches.
+
+        The first watched loader is the one whose knobs are reported and tuned.
+        """
         if self._off:
             return loader
         try:
-            if not self.knobs:
-                self.knobs.update({
-                    "num_workers": getattr(loader, "num_workers", None),
-                    "prefetch_factor": getattr(loader, "prefetch_factor", None),
-                    "batch_size": getattr(loader, "batch_size", None),
-                })
-            return WatchedLoader(self, loader)
+            from tuners.loader import WatchedLoader, loader_knobs
+            w = WatchedLoader(self, loader)
+            if self._watched is None:
+                self._watched = w
+                self.knobs.update(loader_knobs(loader))
+                self.signature = _signature(loader)
+                if w.tunable_reason is None:
+                    self.actuators["num_workers"] = Actuator(lambda: w.active.num_workers,
+                                                             lambda v: w.set_workers(num_workers=v))
+                    self.actuators["prefetch_factor"] = Actuator(lambda: w.active.prefetch_factor,
+                                                                 lambda v: w.set_workers(prefetch_factor=v))
+                else:
+                    self.untunable = {"num_workers": w.tunable_reason[:200],
+                                      "prefetch_factor": w.tunable_reason[:200]}
+            self._decide_sync()
+            return w
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
             return loader
 
+    def _decide_sync(self) -> None:
+        """Under torch.distributed with tuning on, rank 0's decisions reach every rank at the same
+        step: one broadcast every `sync_every_steps`. Decided before the first step, the same way
+        on every rank, so the collectives line up."""
+        if self._sync_every or not self.tune or self._steps:
+            return
+        dist = sys.modules.get("torch.distributed")
+        try:
+            if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                self._sync_every = self.config.hook.sync_every_steps
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+
+    def _sync_decisions(self) -> None:
+        try:
+            import torch.distributed as dist
+            payload: list[Any] = [None]
+            if self.rank == 0:
+                payload[0] = list(self._pending)
+                self._pending.clear()
+                self._has_pending = False
+            dist.broadcast_object_list(payload, src=0)
+            if payload[0] and not self._off:
+                self._pending.extend(payload[0])
+                self._apply_pending()
+        except Exception as exc:  # noqa: BLE001 - every rank fails alike here: stop syncing, keep training
+            self._sync_every = 0
+            self._failed(exc)
+
     def step(self) -> None:
         """Call once per optimizer step; applies pending knob changes at this boundary."""
+        if self._sync_every:
+            # every rank, a disabled hook too, takes part in the same collectives at the same steps
+            self._sync_steps += 1
+            if self._sync_steps % self._sync_every == 0:
+                self._sync_decisions()
         if self._off:
             return
         try:
@@ -240,7 +310,7 @@ class Hook:
             self._t_step = t
             self._step_seconds += dt
             self._hist[bisect_left(_BUCKETS, dt)] += 1
-            if self._has_pending:
+            if self._has_pending and not self._sync_every:
                 self._apply_pending()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
@@ -305,6 +375,8 @@ class Hook:
                 try:
                     old = act.get()
                     act.set(new)
+                    if self._watched is not None:
+                        self.knobs.update(self._watched.knobs())
                     self.knobs[knob] = act.get()
                 except Exception as exc:  # noqa: BLE001 - a failed change is reported, not raised
                     outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
@@ -334,6 +406,35 @@ class Hook:
         if self._channel is not None:
             self._channel.forget_in_child()
 
+    # ---- embedded tuning ----
+
+    def _embedded_tick(self) -> None:
+        """No daemon: the same engine runs in this process, on this process tree's own figures.
+        Runs in the reporter thread; decisions reach the training thread through the queue."""
+        import psutil
+
+        from collectors.jobs import JobsCollector
+        from tuners.engine import from_config
+        from tuners.observe import build
+        if self._engine is None:
+            self._engine = from_config(self.config, lambda _key, d: (self._queue_decision(d), True)[1],
+                                       daemon=False)
+            me = os.getpid()
+            self._tree = JobsCollector([], registered=lambda: {me: (self.run, str(self.rank), str(self.world_size))},
+                                       memory_detail_interval=2.0)
+        snap = self._tree.sample()
+        job = snap.jobs[0] if snap.jobs else None
+        obs = build(time.monotonic(), self.report(), job, host_available_bytes=psutil.virtual_memory().available,
+                    pid=os.getpid())
+        names: list[str] | None = None if self.tune is True else list(self.tuners)
+        if not self.tune or self.rank != 0:
+            names = []          # verdicts only: rank 0 decides for every rank
+        self._engine.observe(("self",), self.run, obs, tuners=names)
+
+    def _embedded_ack(self, rec: Decision) -> None:
+        if self._engine is not None and rec.id is not None:
+            self._engine.applied(("self",), rec.id, rec.outcome, rec.detail)
+
     # ---- reports ----
 
     def report(self) -> dict[str, Any]:
@@ -342,7 +443,8 @@ class Hook:
         self.rank, self.world_size = rank, world
         return {"type": "report", "pid": os.getpid(), "world_size": world, "counters": self.counters,
                 "step_hist": list(self._hist), "knobs": dict(self.knobs), "memory": _memory_peaks(),
-                "hook_errors": self._errors, "disabled": self._off}
+                "hook_errors": self._errors, "disabled": self._off, "signature": self.signature,
+                "untunable": dict(self.untunable)}
 
     def hello(self) -> dict[str, Any]:
         rank, world = _rank_world()
@@ -379,14 +481,21 @@ class Hook:
             return
         from prometheus_client import CollectorRegistry, start_http_server
 
-        from collectors.hookjobs import hook_families
+        from collectors.hookjobs import hook_families, tuner_families
         from daemon.config import split_listen
         hook = weakref.ref(self)
 
         class _Own:
             def collect(self) -> Iterable[Any]:
                 h = hook()
-                return hook_families([h.view()], with_info=True) if h is not None else []
+                if h is None:
+                    return []
+                fams = list(hook_families([h.view()], with_info=True))
+                eng = h._engine
+                if eng is not None:
+                    verdicts = {(h.run, str(h.rank)): v for v in eng.verdicts().values()}
+                    fams.extend(tuner_families(dict(eng.outcomes), verdicts))
+                return fams
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Own())
@@ -424,6 +533,7 @@ class _Channel:
         self._thread = threading.Thread(target=self._run, name="looptune-hook", daemon=True)
         self._logged_reject: set[str] = set()
         self.reconnects = 0
+        self._next_embedded = 0.0
         self._connect()      # synchronously once: the mode is known when Hook() returns
 
     def start(self) -> None:
@@ -613,5 +723,13 @@ class _Channel:
                 if self._wake.is_set():
                     self._wake.clear()
             else:
+                try:
+                    while self.acks:
+                        self.hook._embedded_ack(self.acks.popleft())
+                    if time.monotonic() >= self._next_embedded and not self.hook._off:
+                        self._next_embedded = time.monotonic() + self.interval
+                        self.hook._embedded_tick()
+                except Exception as exc:  # noqa: BLE001
+                    self.hook._failed(exc)
                 self._wake.wait(min(timeout, 0.2) if timeout else 0.05)
                 self._wake.clear()

@@ -21,8 +21,10 @@ CLIENT_TYPES = ("hello", "report", "applied", "bye", "status")   # hook or CLI -
 SERVER_TYPES = ("welcome", "decision", "status_reply", "error")  # daemon -> hook or CLI
 COUNTERS = ("samples", "batches", "steps", "data_wait_seconds", "step_seconds")
 MEMORY_KINDS = ("max_rss_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-KNOB_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# \Z, not $: `$` also matches before a trailing newline, which let "run\n" through
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
+KNOB_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
+MAX_KNOB_INT = 1 << 64      # integer knob values are exported as floats
 MAX_KNOBS = 32
 MAX_TUNERS = 16
 
@@ -70,7 +72,8 @@ def _num(msg: dict, key: str, *, lo: float = 0.0, hi: float = 1e18, integer: boo
     v = msg.get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         raise ProtocolError("invalid", f"{key} must be {'an integer' if integer else 'a number'}")
-    if not math.isfinite(v) or not lo <= v <= hi:
+    # no math.isfinite() on an int: a huge JSON integer would raise OverflowError instead of ProtocolError
+    if (isinstance(v, float) and not math.isfinite(v)) or not lo <= v <= hi:
         raise ProtocolError("invalid", f"{key} out of range")
     return v
 
@@ -86,12 +89,33 @@ def _knobs(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict) or len(v) > MAX_KNOBS:
         raise ProtocolError("invalid", f"knobs must be an object of at most {MAX_KNOBS} entries")
     for k, val in v.items():
-        if not KNOB_RE.match(k):
+        if not isinstance(k, str) or not KNOB_RE.match(k):
             raise ProtocolError("invalid", "knob names are lower_snake_case, at most 64 characters")
-        ok = val is None or isinstance(val, (bool, int)) or (isinstance(val, float) and math.isfinite(val)) \
-            or (isinstance(val, str) and len(val) <= 64)
+        ok = val is None or isinstance(val, bool) or (isinstance(val, int) and abs(val) < MAX_KNOB_INT) \
+            or (isinstance(val, float) and math.isfinite(val)) or (isinstance(val, str) and len(val) <= 64)
         if not ok:
             raise ProtocolError("invalid", f"knob {k} must be null, a number, a boolean or a short string")
+    return v
+
+
+def _bool(msg: dict, key: str, default: bool) -> bool:
+    v = msg.get(key, default)
+    if not isinstance(v, bool):      # bool("false") is True: a string must not opt a job into tuning
+        raise ProtocolError("invalid", f"{key} must be a boolean")
+    return v
+
+
+def _short(msg: dict, key: str, limit: int) -> str:
+    v = msg.get(key, "")
+    if not isinstance(v, str) or len(v) > limit:
+        raise ProtocolError("invalid", f"{key} must be a string of at most {limit} characters")
+    return v
+
+
+def _reasons(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or len(v) > MAX_KNOBS or not all(
+            isinstance(k, str) and KNOB_RE.match(k) and isinstance(r, str) and len(r) <= 200 for k, r in v.items()):
+        raise ProtocolError("invalid", "untunable must map knob names to short reasons")
     return v
 
 
@@ -106,7 +130,7 @@ def check_hello(msg: dict[str, Any]) -> dict[str, Any]:
         "world_size": int(_num(msg, "world_size", lo=1, hi=1 << 20, integer=True)),
         "pid": int(_num(msg, "pid", lo=1, hi=1 << 31, integer=True)),
         "tuners": tuners,
-        "tune": bool(msg.get("tune", True)),
+        "tune": _bool(msg, "tune", True),
     }
 
 
@@ -130,8 +154,10 @@ def check_report(msg: dict[str, Any]) -> dict[str, Any]:
         "memory": mem,
         "world_size": int(_num(msg, "world_size", lo=1, hi=1 << 20, integer=True)),
         "hook_errors": int(_num(msg, "hook_errors", integer=True)) if "hook_errors" in msg else 0,
-        "disabled": bool(msg.get("disabled", False)),
+        "disabled": _bool(msg, "disabled", False),
         "mode": "daemon",
+        "signature": _short(msg, "signature", 64),
+        "untunable": _reasons(msg.get("untunable", {})),
     }
 
 

@@ -1,0 +1,256 @@
+"""The DataLoader actuator: change num_workers / prefetch_factor mid-epoch without losing a sample.
+
+The watched loader iterates the user's DataLoader exactly as the user would, so the epoch's
+order and every draw from `loader.generator` and the global RNGs are those of an untuned run.
+At the start of each epoch it snapshots the RNG states (a few KB). A change at a step
+boundary after k batches of the epoch:
+
+1. replays the epoch's index stream: RNGs set back to the snapshot, the same draws the
+   DataLoader iterator made (its base seed, then the index sampler), RNGs restored;
+2. checks the replay against the index batches the running iterator actually pulled (a sampler
+   that does not replay deterministically is left alone, nothing lost);
+3. stops the old iterator and serves batches k.. of the replay from a one-off DataLoader with
+   the new setting, whose own generator keeps the user's untouched;
+4. later epochs iterate a DataLoader derived from the user's (same dataset, sampler, batch
+   sampler, collate_fn, worker_init_fn, pin_memory, persistent_workers, generator object) with
+   the new setting: their order is the untuned run's too.
+
+An IterableDataset, or a loader delivering out of order (in_order=False), is left alone: the
+stream's split across workers is the order there. torch is imported lazily, as everywhere in
+tuners/.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any, Iterator
+
+
+class NotTunable(Exception):
+    """This loader's knob cannot be changed safely; the message says why."""
+
+
+class _ListBatchSampler:
+    """Index batches from a list: what a one-off DataLoader serves for the rest of an epoch."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Recorder:
+    """Wraps a running iterator's index source to record what it pulls (for the replay check)."""
+    __slots__ = ("it", "pulled")
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        self.it = it
+        self.pulled: list[Any] = []
+
+    def __iter__(self) -> _Recorder:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.it)
+        self.pulled.append(item)
+        return item
+
+
+def _rng_snapshot(generator: Any) -> dict[str, Any]:
+    import torch
+    snap: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    if generator is not None:
+        snap["generator"] = generator.get_state()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        snap["numpy"] = np.random.get_state()
+    return snap
+
+
+def _rng_restore(snap: dict[str, Any], generator: Any) -> None:
+    import torch
+    torch.set_rng_state(snap["torch"])
+    random.setstate(snap["random"])
+    if generator is not None and "generator" in snap:
+        generator.set_state(snap["generator"])
+    if "numpy" in snap:
+        sys.modules["numpy"].random.set_state(snap["numpy"])
+
+
+def loader_knobs(loader: Any) -> dict[str, Any]:
+    return {"num_workers": getattr(loader, "num_workers", None),
+            "prefetch_factor": getattr(loader, "prefetch_factor", None),
+            "batch_size": getattr(loader, "batch_size", None)}
+
+
+def why_not_tunable(loader: Any) -> str | None:
+    """None if the worker knobs of `loader` can change mid-epoch; else the reason."""
+    try:
+        from torch.utils.data import DataLoader, IterableDataset
+    except ImportError:
+        return "torch is not importable"
+    if not isinstance(loader, DataLoader):
+        return f"{type(loader).__name__} is not a torch DataLoader"
+    if isinstance(loader.dataset, IterableDataset):
+        return "IterableDataset: its split across workers is its order; left alone"
+    if not getattr(loader, "in_order", True):
+        return "in_order=False delivers batches out of order; resuming at a position is not defined"
+    return None
+
+
+def derive(loader: Any, num_workers: int, prefetch_factor: int | None, *,
+           batch_sampler: Any = None, generator: Any = "same") -> Any:
+    """A DataLoader like `loader` with another worker setting (and, optionally, index batches)."""
+    import warnings
+
+    from torch.utils.data import DataLoader
+    kw: dict[str, Any] = dict(
+        num_workers=num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        timeout=loader.timeout if num_workers > 0 else 0, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if num_workers > 0 else None,
+        generator=loader.generator if generator == "same" else generator,
+        persistent_workers=bool(loader.persistent_workers and num_workers > 0),
+        pin_memory_device=loader.pin_memory_device)
+    if num_workers > 0:
+        kw["prefetch_factor"] = prefetch_factor or 2
+    if hasattr(loader, "in_order"):
+        kw["in_order"] = loader.in_order
+    if loader._auto_collation:
+        kw["batch_sampler"] = batch_sampler if batch_sampler is not None else loader.batch_sampler
+    else:
+        kw["batch_size"] = None
+        kw["sampler"] = batch_sampler if batch_sampler is not None else loader.sampler
+    with warnings.catch_warnings():
+        # more workers than cores is what latency-bound loading needs; the tuner measures it
+        warnings.filterwarnings("ignore", message=".*worker processes in total.*")
+        return DataLoader(loader.dataset, **kw)
+
+
+class WatchedLoader:
+    """Iterates like the DataLoader it wraps (same batches, same order), timed by the hook."""
+
+    def __init__(self, hook: Any, loader: Any) -> None:
+        self._hook = hook
+        self.loader = loader            # the user's, never modified
+        self.active = loader            # what new epochs iterate: the user's, or one derived from it
+        self.it: Any = None             # the running iterator
+        self.delivered = 0              # batches of this epoch delivered so far
+        self.epoch = -1
+        self._snap: dict[str, Any] | None = None
+        self._drew_seed = False
+        self._recorder: _Recorder | None = None
+        self._pulled_before = 0
+        self._replaced = False          # this epoch is served by a one-off loader
+        self.tunable_reason = why_not_tunable(loader)
+
+    # ---- iteration ----
+
+    def __iter__(self) -> Iterator[Any]:
+        from tuners.hook import _WatchedIter, _perf
+        self.epoch += 1
+        self.delivered = 0
+        self._replaced = False
+        self._recorder = None
+        if self.tunable_reason is None:
+            self._start_epoch()
+        else:
+            self.it = iter(self.active)
+        self._hook._t_step = _perf()
+        return _WatchedIter(self._hook, self)
+
+    def _start_epoch(self) -> None:
+        active = self.active
+        self._snap = _rng_snapshot(active.generator)
+        # persistent workers reuse their iterator: only the first iter() draws a base seed
+        self._drew_seed = not (active.persistent_workers and active.num_workers > 0
+                               and active._iterator is not None)
+        it = _quiet_iter(active)
+        self._pulled_before = getattr(it, "_send_idx", 0)   # index batches already prefetched
+        self._recorder = _Recorder(it._sampler_iter)
+        it._sampler_iter = self._recorder
+        self.it = it
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":     # not set yet (copy.copy, unpickling): no endless recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    # ---- the actuator ----
+
+    def knobs(self) -> dict[str, Any]:
+        knobs = loader_knobs(self.active)
+        knobs["batch_size"] = getattr(self.loader, "batch_size", None)   # derived loaders use a batch_sampler
+        return knobs
+
+    def set_workers(self, num_workers: int | None = None, prefetch_factor: int | None = None) -> None:
+        """Change the worker setting now (call at a step boundary). Raises NotTunable."""
+        if self.tunable_reason is not None:
+            raise NotTunable(self.tunable_reason)
+        w = self.active.num_workers if num_workers is None else int(num_workers)
+        p = prefetch_factor if prefetch_factor is not None else (self.active.prefetch_factor or 2)
+        if w < 0 or p < 1:
+            raise NotTunable(f"num_workers must be >= 0 and prefetch_factor >= 1, got {w}, {p}")
+        if w == self.active.num_workers and (w == 0 or p == self.active.prefetch_factor):
+            return
+        mid_epoch = self.it is not None and self._recorder is not None and not self._exhausted()
+        remaining = self._remaining() if mid_epoch else None
+        self.active = derive(self.loader, w, p if w > 0 else None)
+        if remaining is not None:
+            import torch
+            old, self.it = self.it, None
+            _shutdown(old)
+            g = torch.Generator()
+            g.manual_seed(self.epoch * 1000003 + self.delivered)   # worker seeds of the one-off loader
+            one_off = derive(self.loader, w, p if w > 0 else None, batch_sampler=_ListBatchSampler(remaining),
+                             generator=g)
+            self.it = _quiet_iter(one_off)
+            self._recorder = None
+            self._replaced = True
+        elif self._replaced and self.it is not None:
+            pass   # a one-off loader serves the end of this epoch; the new setting starts next epoch
+
+    def _exhausted(self) -> bool:
+        n = len(self.active) if hasattr(self.active, "__len__") else None
+        return n is not None and self.delivered >= n
+
+    def _remaining(self) -> list[Any]:
+        """The epoch's index batches after the `delivered` ones, replayed and checked."""
+        loader = self.it._index_sampler if hasattr(self.it, "_index_sampler") else self.active._index_sampler
+        gen = self.active.generator
+        assert self._snap is not None and self._recorder is not None
+        current = _rng_snapshot(gen)
+        try:
+            _rng_restore(self._snap, gen)
+            if self._drew_seed:
+                import torch
+                torch.empty((), dtype=torch.int64).random_(generator=gen)
+            batches = list(iter(loader))
+        finally:
+            _rng_restore(current, gen)
+        start = self._pulled_before
+        pulled = self._recorder.pulled
+        if batches[start:start + len(pulled)] != pulled:
+            raise NotTunable("the sampler does not replay the same order from its RNG state; left alone")
+        if self.delivered > len(batches):
+            raise NotTunable("more batches delivered than the sampler yields; left alone")
+        return batches[self.delivered:]
+
+
+def _quiet_iter(loader: Any) -> Any:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*worker processes in total.*")
+        return iter(loader)
+
+
+def _shutdown(it: Any) -> None:
+    stop = getattr(it, "_shutdown_workers", None)
+    if stop is not None:
+        stop()

@@ -1,0 +1,64 @@
+"""The best knob values found per (run, dataset signature), kept on disk for the next run.
+
+One small JSON file, written atomically (temp file, fsync, rename); a corrupt or unreadable
+file is logged and treated as empty, never fatal.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("looptune.memory")
+
+
+def default_path(daemon: bool) -> str:
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]   # systemd StateDirectory=
+    if daemon and (state or os.access("/var/lib", os.W_OK)):
+        return os.path.join(state or "/var/lib/looptune", "best.json")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "looptune", "best.json")
+
+
+class BestSettings:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._data: dict[str, dict[str, Any]] = self._read()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+            return {}
+
+    @staticmethod
+    def _key(run: str, signature: str) -> str:
+        return f"{run}|{signature}"
+
+    def get(self, run: str, signature: str, knob: str = "num_workers") -> Any:
+        with self._lock:
+            return self._data.get(self._key(run, signature), {}).get(knob)
+
+    def put(self, run: str, signature: str, knob: str, value: Any) -> None:
+        with self._lock:
+            self._data.setdefault(self._key(run, signature), {})[knob] = value
+            data = json.dumps(self._data, indent=1, sort_keys=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".best.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot save best settings to %s: %s", self.path, exc)

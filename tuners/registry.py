@@ -1,0 +1,52 @@
+"""Tuner plugins: a built-in name table plus the entry-point group `looptune.tuners`.
+
+A plugin that fails to load is an error naming it, never silently skipped.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+BUILTIN = {"workers": "tuners.workers:WorkersTuner"}
+GROUP = "looptune.tuners"
+
+
+class TunerLoadError(Exception):
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"tuner {name!r} failed to load: {why}")
+        self.name = name
+
+
+def available() -> dict[str, str]:
+    """name -> "module:attribute" of every known tuner."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group=GROUP):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def load_factory(name: str) -> Callable[..., Any]:
+    target = available().get(name)
+    if target is None:
+        raise TunerLoadError(name, f"unknown; known tuners: {', '.join(sorted(available()))}")
+    module, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:  # noqa: BLE001 - any import failure names the plugin
+        raise TunerLoadError(name, f"{type(exc).__name__}: {exc}") from exc
+    return obj
+
+
+def make_tuners(names: list[str], options: dict[str, Any]) -> list[Any]:
+    """Instances of the named tuners; `options[name]` holds each one's settings (a dataclass)."""
+    out = []
+    for name in names:
+        factory = load_factory(name)
+        try:
+            out.append(factory(options.get(name)))
+        except Exception as exc:  # noqa: BLE001
+            raise TunerLoadError(name, f"{type(exc).__name__}: {exc}") from exc
+    return out

@@ -1,0 +1,128 @@
+"""The `workers` tuner: DataLoader num_workers for input-bound jobs.
+
+Policy: while the job is input-bound, climb (0 -> 1 -> 2 -> 4 -> 8 ...) as long as each step
+gains; when a step does not, refine between the last kept value and the rejected one, and
+stop at the knee (the gap under a quarter of the current value). Bounds: `max_workers`; the
+CPU the job may use (a window with the process tree's CPU saturated is a `cpu` verdict, not
+`input`: climbing stops, and a setting above the job's cores is brought back down if that
+does not lose throughput); and a memory budget for all workers, measured from their USS.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from tuners.engine import Context, Observation, Proposal
+
+
+@dataclass
+class WorkersOptions:
+    max_workers: int = 32
+    memory_budget_bytes: int = 0          # 0: a quarter of the host's available memory
+    memory_budget_share: float = 0.25
+
+
+class WorkersTuner:
+    name = "workers"
+    knob = "num_workers"
+
+    def __init__(self, options: Any = None) -> None:
+        o = options or WorkersOptions()
+        self.max_workers = int(getattr(o, "max_workers", 32))
+        self.budget_bytes = int(getattr(o, "memory_budget_bytes", 0))
+        self.budget_share = float(getattr(o, "memory_budget_share", 0.25))
+        self.rejected_above: int | None = None
+        self.tried: set[int] = set()
+        self.done = False
+        self.used_memory = False
+        self.shrunk = False
+        self.per_worker_bytes: int | None = None
+        self.stop_reason = ""
+        self.proposed_from: int | None = None
+
+    # ---- memory ----
+
+    def budget(self, obs: Observation) -> float | None:
+        if self.budget_bytes > 0:
+            return float(self.budget_bytes)
+        if obs.host_available_bytes:
+            return self.budget_share * obs.host_available_bytes
+        return None
+
+    def _per_worker(self, obs: Observation, cur: int) -> int | None:
+        if cur > 0 and obs.worker_uss_bytes is not None:
+            self.per_worker_bytes = max(self.per_worker_bytes or 0, obs.worker_uss_bytes // cur)
+        if self.per_worker_bytes:
+            return self.per_worker_bytes
+        if obs.main_rss_bytes:          # no worker measured yet: assume a tenth of the main process
+            return obs.main_rss_bytes // 10
+        return None
+
+    def _fit_memory(self, obs: Observation, cur: int, want: int) -> int:
+        budget = self.budget(obs)
+        per = self._per_worker(obs, cur)
+        if budget is None or not per:
+            return want
+        fits = int(budget // per)
+        if fits < want:
+            self.stop_reason = f"memory budget {budget / 2**20:.0f} MiB fits {fits} workers of ~{per / 2**20:.0f} MiB"
+        return min(want, fits)
+
+    def budget_exceeded(self, obs: Observation) -> str | None:
+        budget = self.budget(obs)
+        if budget is not None and obs.worker_uss_bytes is not None and obs.worker_uss_bytes > budget:
+            return f"workers use {obs.worker_uss_bytes / 2**20:.0f} MiB, over the {budget / 2**20:.0f} MiB budget"
+        return None
+
+    # ---- policy ----
+
+    def propose(self, ctx: Context) -> Proposal | None:
+        cur = ctx.obs.knobs.get(self.knob)
+        if not isinstance(cur, int) or isinstance(cur, bool):
+            return None
+        if ctx.remembered is not None and not self.used_memory:
+            self.used_memory = True
+            if isinstance(ctx.remembered, int) and ctx.remembered != cur:
+                want = self._fit_memory(ctx.obs, cur, min(ctx.remembered, self.max_workers))
+                if want != cur:
+                    self.proposed_from = cur
+                    return Proposal(self.knob, want, "the best setting remembered for this run and dataset",
+                                    keep_if="no_loss")
+        allowed = ctx.obs.cpu_cores_allowed
+        if ctx.verdict == "cpu" and allowed and cur > math.ceil(allowed) and not self.shrunk:
+            self.shrunk = True
+            self.proposed_from = cur
+            return Proposal(self.knob, max(1, math.ceil(allowed)),
+                            f"CPU saturated with {cur} workers on {allowed:g} cores", keep_if="no_loss")
+        if ctx.verdict != "input" or self.done:
+            return None
+        if self.rejected_above is None:
+            want = 1 if cur == 0 else cur * 2
+            why = f"input-bound ({ctx.window.data_wait_share:.0%} of step time waiting for data): climb"
+        else:
+            gap = self.rejected_above - cur
+            if gap <= max(1, cur // 4):
+                self.done, self.stop_reason = True, f"knee between {cur} and {self.rejected_above}"
+                return None
+            want = cur + gap // 2
+            why = f"refine between {cur} (kept) and {self.rejected_above} (no gain)"
+        want = min(want, self.max_workers)
+        want = self._fit_memory(ctx.obs, cur, want)
+        if want <= cur or want in self.tried:
+            self.done = True
+            self.stop_reason = self.stop_reason or f"bounded at {cur} (max_workers {self.max_workers})"
+            return None
+        self.proposed_from = cur
+        return Proposal(self.knob, want, why)
+
+    def result(self, proposal: Proposal, outcome: str, gain: float | None, ctx: Context) -> None:
+        value = proposal.value
+        self.tried.add(value)
+        if outcome == "kept":
+            return
+        cur = self.proposed_from
+        if isinstance(cur, int) and value > cur:
+            self.rejected_above = value if self.rejected_above is None else min(self.rejected_above, value)
+        if outcome == "failed":
+            self.done, self.stop_reason = True, "the change failed"
