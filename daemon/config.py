@@ -214,7 +214,8 @@ def _coerce(value: Any, tp: Any, path: str, meta: dict, problems: list[str]) -> 
     if tp is float:
         value = float(value)
     lo, hi, choices, check = meta.get("lo"), meta.get("hi"), meta.get("choices"), meta.get("check")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    # `not lo <= value`, not `value < lo`: NaN fails every comparison and must not slip through
+    if (lo is not None and not lo <= value) or (hi is not None and not value <= hi):
         problems.append(f"{path}: {_fmt(value)} is out of range; allowed {allowed}")
         return None
     if choices and value not in choices:
@@ -227,7 +228,10 @@ def _coerce(value: Any, tp: Any, path: str, meta: dict, problems: list[str]) -> 
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)   # never show 60.0000001 as 60
+    return str(value)
 
 
 def _allowed(meta: dict) -> str:

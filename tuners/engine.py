@@ -139,7 +139,8 @@ class Engine:
         if job.window_start is None:
             job.window_start = obs
             return
-        if obs.time - job.window_start.time < self.settings.window_seconds:
+        # reports come about once a window: allow their jitter instead of skipping to two windows
+        if obs.time - job.window_start.time < 0.9 * self.settings.window_seconds:
             if job.trial is not None and job.trial.phase == "apply":
                 self._check_applied(key, job, obs)
             return
