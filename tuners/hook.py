@@ -62,21 +62,30 @@ class Actuator:
     set: Callable[[Any], None]
 
 
+_SIZED: set[type] = set()   # tensor-like batch types: len() gives dim 0 without building a torch.Size
+
+
 def _batch_size(batch: Any) -> int:
-    shape = getattr(batch, "shape", None)
-    if shape is not None:
-        return int(shape[0]) if len(shape) else 1
-    if isinstance(batch, (list, tuple)):
+    t = type(batch)
+    if t in _SIZED:
+        try:
+            return len(batch)
+        except TypeError:          # a 0-d tensor
+            return 1
+    if t is tuple or t is list:
         if not batch:
             return 0
         first = batch[0]
-        if getattr(first, "shape", None) is not None or isinstance(first, (list, tuple, dict)):
+        if type(first) in _SIZED or isinstance(first, (list, tuple, dict)) or hasattr(first, "shape"):
             return _batch_size(first)
         return len(batch)
-    if isinstance(batch, dict):
+    if t is dict:
         for value in batch.values():
             return _batch_size(value)
         return 0
+    if hasattr(batch, "shape") and hasattr(batch, "__len__"):
+        _SIZED.add(t)
+        return _batch_size(batch)
     return 1
 
 
