@@ -160,15 +160,40 @@ def test_missing_config_source_fails(tmp_path: Path, fake_bin: Path) -> None:
     assert "cannot read default config" in err
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_unwritable_root(tmp_path: Path, fake_bin: Path) -> None:
-    root = tmp_path / "ro"
+    """A real EACCES: as root (which ignores directory modes) a forked child drops to `nobody`."""
+    import io
+    import json
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="lt-ro-", dir="/tmp"))
+    base.chmod(0o755)
+    root = base / "ro"
     root.mkdir()
     root.chmod(0o555)
-    try:
-        rc, out, err = run_install(root, bin_path=fake_bin, config_source=None)
-    finally:
-        root.chmod(0o755)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # child: no pytest machinery from here on, only os._exit
+        code = 99
+        try:
+            os.close(r)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            out, err = io.StringIO(), io.StringIO()
+            rc = install.install_service(root=root, bin_path=fake_bin, config_source=None, out=out, err=err)
+            os.write(w, json.dumps([rc, out.getvalue(), err.getvalue()]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    shutil.rmtree(base, ignore_errors=True)
+    assert os.waitstatus_to_exitcode(status) == 0, data
+    rc, out, err = json.loads(data)
     assert rc == 1
     assert "Permission denied; run as root or pass --root DIR" in err
     assert "systemctl" not in out
