@@ -102,7 +102,7 @@ def hook_families(jobs: Iterable[HookView], with_info: bool = False) -> Iterable
 
 REJECT_REASONS = ("malformed", "oversized", "version", "unknown_type", "invalid", "not_registered",
                   "pid_mismatch", "job_owned", "duplicate_job", "uid_denied", "rate_limited",
-                  "too_many_connections", "slow_consumer")
+                  "too_many_connections", "too_many_jobs", "slow_consumer")
 
 
 class HookJobsCollector:

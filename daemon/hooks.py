@@ -43,8 +43,10 @@ class HookJob:
 
 
 class HookRegistry:
-    def __init__(self, grace_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, grace_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 max_jobs_per_uid: int = 64) -> None:
         self.grace_seconds = grace_seconds
+        self.max_jobs_per_uid = max_jobs_per_uid   # one user cannot grow the registry (or labels) unbounded
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, int], HookJob] = {}
@@ -60,6 +62,8 @@ class HookRegistry:
                     raise ProtocolError("job_owned", f"run {key[0]} rank {key[1]} belongs to another user")
                 if old.conn_id is not None:
                     raise ProtocolError("duplicate_job", f"run {key[0]} rank {key[1]} is already connected")
+            if old is None and sum(1 for j in self._jobs.values() if j.uid == uid) >= self.max_jobs_per_uid:
+                raise ProtocolError("too_many_jobs", f"uid {uid} already has {self.max_jobs_per_uid} jobs here")
             job = HookJob(run=key[0], rank=key[1], world_size=hello["world_size"], pid=hello["pid"], uid=uid,
                           conn_id=conn_id, tuners=hello["tuners"], tune=hello["tune"])
             if old is not None and old.pid == job.pid:   # same process reconnecting (daemon restart)

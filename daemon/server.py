@@ -96,6 +96,19 @@ def _proc_owner_and_ancestry(pid: int) -> tuple[int, list[int]] | None:
         return None
 
 
+def _fit_status_reply(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A status_reply within MAX_MESSAGE_BYTES: with many jobs on the node the list is cut (and
+    `truncated` set) rather than the asker rejected as `oversized` for the daemon's own reply."""
+    msg: dict[str, Any] = {"type": "status_reply", "jobs": jobs}
+    while True:
+        try:
+            protocol.encode(msg)
+            return msg
+        except ProtocolError:
+            jobs = jobs[:len(jobs) * 3 // 4]
+            msg = {"type": "status_reply", "jobs": jobs, "truncated": True}
+
+
 @dataclass
 class Conn:
     id: int
@@ -287,7 +300,7 @@ class HookServer:
                      conn.uid)
         elif kind == "status":
             jobs = self.status_provider(conn.uid) if self.status_provider else []
-            self._send(conn, {"type": "status_reply", "jobs": jobs})
+            self._send(conn, _fit_status_reply(jobs))
         elif conn.job is None:
             raise ProtocolError("not_registered", f"{kind} before hello")
         elif kind == "report":

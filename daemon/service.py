@@ -66,7 +66,7 @@ class Daemon:
         self._reload = threading.Event()
         self.http_server: Any = None
         self.socket_server: HookServer | None = None
-        self.hooks = HookRegistry(grace_seconds=config.jobs.grace_seconds)
+        self.hooks = HookRegistry(grace_seconds=config.jobs.grace_seconds, max_jobs_per_uid=config.jobs.max_jobs)
         self.engine: tuning.Engine | None = None
         self._engine_lock = threading.Lock()     # the main loop observes, the socket thread acknowledges
         self._seen: dict[tuple[str, int], int] = {}

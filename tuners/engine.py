@@ -99,6 +99,7 @@ class Trial:
     settle_left: int = 0
     measured: list[float] = field(default_factory=list)
     below: int = 0
+    rollback_id: int | None = None
 
 
 @dataclass
@@ -156,7 +157,18 @@ class Engine:
         """The hook's acknowledgement of a decision (applied, failed or skipped)."""
         job = self.jobs.get(key)
         t = job.trial if job is not None else None
-        if t is None or t.id != decision_id or outcome == "applied":
+        if t is None or outcome == "applied":
+            return
+        if t.phase == "rollback":
+            if decision_id == t.rollback_id:
+                # the old value could not be restored: say so now instead of waiting out the timeout
+                log.warning("run %s: roll back of %s to %r not applied (%s): %s", job.run, t.proposal.knob,
+                            t.old, outcome, detail)
+                job.trial = None
+                job.steady = []
+                job.cooldown = self.settings.cooldown_windows
+            return       # the trial itself is already recorded (rolled_back)
+        if t.id != decision_id:
             return
         log.warning("run %s: %s -> %r not applied (%s): %s", job.run, t.proposal.knob, t.proposal.value,
                     outcome, detail)
@@ -259,7 +271,8 @@ class Engine:
         t = job.trial
         assert t is not None
         self._record(job, t, "rolled_back", gain, why)
-        decision = {"id": next(self._ids), "knob": t.proposal.knob, "value": t.old,
+        t.rollback_id = next(self._ids)
+        decision = {"id": t.rollback_id, "knob": t.proposal.knob, "value": t.old,
                     "reason": f"roll back: {why}", "tuner": t.tuner.name}
         self._send(key, decision)
         t.phase = "rollback"

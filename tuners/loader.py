@@ -9,11 +9,16 @@ boundary after k batches of the epoch:
    DataLoader iterator made (its base seed, then the index sampler), RNGs restored;
 2. checks the replay against the index batches the running iterator actually pulled (a sampler
    that does not replay deterministically is left alone, nothing lost);
-3. stops the old iterator and serves batches k.. of the replay from a one-off DataLoader with
-   the new setting, whose own generator keeps the user's untouched;
+3. drains the running iterator's index source, so that the RNGs make the rest of the draws the
+   untuned epoch makes (RandomSampler draws a last, empty randperm when it runs out), then
+   stops the old iterator and serves batches k.. from a one-off DataLoader with the new
+   setting, whose own generator keeps the user's untouched;
 4. later epochs iterate a DataLoader derived from the user's (same dataset, sampler, batch
-   sampler, collate_fn, worker_init_fn, pin_memory, persistent_workers, generator object) with
-   the new setting: their order is the untuned run's too.
+   sampler, collate_fn, worker_init_fn, pin_memory, persistent_workers) with the new setting.
+   Its base seed is drawn from a private generator; the watched loader makes the draw on the
+   user's generator (or the global RNG) itself, exactly when the user's loader would (every
+   epoch, or only the first one with persistent workers): later epochs' order is the untuned
+   run's too.
 
 An IterableDataset, or a loader delivering out of order (in_order=False), is left alone: the
 stream's split across workers is the order there. torch is imported lazily, as everywhere in
@@ -113,7 +118,8 @@ def derive(loader: Any, num_workers: int, prefetch_factor: int | None, *,
         timeout=loader.timeout if num_workers > 0 else 0, worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context if num_workers > 0 else None,
         generator=loader.generator if generator == "same" else generator,
-        persistent_workers=bool(loader.persistent_workers and num_workers > 0),
+        # a one-off loader (batch_sampler given) serves one epoch's end: no workers kept after it
+        persistent_workers=bool(loader.persistent_workers and num_workers > 0 and batch_sampler is None),
         pin_memory_device=loader.pin_memory_device)
     if num_workers > 0:
         kw["prefetch_factor"] = prefetch_factor or 2
@@ -145,6 +151,8 @@ class WatchedLoader:
         self._recorder: _Recorder | None = None
         self._pulled_before = 0
         self._replaced = False          # this epoch is served by a one-off loader
+        self._user_started = getattr(loader, "_iterator", None) is not None
+        self._stale: list[Any] = []     # persistent iterators of a setting left between epochs
         self.tunable_reason = why_not_tunable(loader)
 
     # ---- iteration ----
@@ -155,6 +163,8 @@ class WatchedLoader:
         self.delivered = 0
         self._replaced = False
         self._recorder = None
+        while self._stale:              # their workers would otherwise idle, and hold memory, for good
+            _shutdown(self._stale.pop())
         if self.tunable_reason is None:
             self._start_epoch()
         else:
@@ -163,11 +173,19 @@ class WatchedLoader:
         return _WatchedIter(self._hook, self)
 
     def _start_epoch(self) -> None:
-        active = self.active
-        self._snap = _rng_snapshot(active.generator)
-        # persistent workers reuse their iterator: only the first iter() draws a base seed
-        self._drew_seed = not (active.persistent_workers and active.num_workers > 0
-                               and active._iterator is not None)
+        import torch
+        active, user = self.active, self.loader
+        gen = user.generator
+        self._snap = _rng_snapshot(gen)
+        # the untuned run's iter(): a base seed from the user's generator (or the global RNG), except
+        # where persistent workers reuse their iterator (only the first iter() draws one)
+        self._drew_seed = not (user.persistent_workers and user.num_workers > 0 and self._user_started)
+        self._user_started = True
+        if active is not user and self._drew_seed:
+            # a derived loader draws from its private generator: make it the untuned draw, and make
+            # that draw on the user's RNG, whether or not the derived loader's iter() draws at all
+            active.generator.set_state(gen.get_state() if gen is not None else torch.get_rng_state())
+            torch.empty((), dtype=torch.int64).random_(generator=gen)
         it = _quiet_iter(active)
         self._pulled_before = getattr(it, "_send_idx", 0)   # index batches already prefetched
         self._recorder = _Recorder(it._sampler_iter)
@@ -199,31 +217,48 @@ class WatchedLoader:
             raise NotTunable(f"num_workers must be >= 0 and prefetch_factor >= 1, got {w}, {p}")
         if w == self.active.num_workers and (w == 0 or p == self.active.prefetch_factor):
             return
+        import torch
         mid_epoch = self.it is not None and self._recorder is not None and not self._exhausted()
-        remaining = self._remaining() if mid_epoch else None
-        self.active = derive(self.loader, w, p if w > 0 else None)
-        if remaining is not None:
-            import torch
-            old, self.it = self.it, None
-            _shutdown(old)
-            g = torch.Generator()
-            g.manual_seed(self.epoch * 1000003 + self.delivered)   # worker seeds of the one-off loader
-            one_off = derive(self.loader, w, p if w > 0 else None, batch_sampler=_ListBatchSampler(remaining),
-                             generator=g)
-            self.it = _quiet_iter(one_off)
+        # its base seed: see _start_epoch
+        new_active = derive(self.loader, w, p if w > 0 else None, generator=torch.Generator())
+        if not mid_epoch:
+            # before the first epoch, between epochs, or while a one-off loader serves the end of
+            # this one: the new setting starts with the next epoch
+            old_it = getattr(self.active, "_iterator", None)
+            if self.active.persistent_workers and old_it is not None:
+                self._stale.append(old_it)  # stopped when the next epoch starts, not under a running loop
+            self.active = new_active
+            return
+        remaining = self._remaining()       # NotTunable: nothing changed, the running iterator goes on
+        old, self.it = self.it, None
+        _shutdown(old)                      # first: the old and the new workers never run together
+        g = torch.Generator()
+        g.manual_seed(self.epoch * 1000003 + self.delivered)   # worker seeds of the one-off loader
+        try:
+            self.it = _quiet_iter(derive(self.loader, w, p if w > 0 else None,
+                                         batch_sampler=_ListBatchSampler(remaining), generator=g))
+            self.active = new_active
+        except Exception:
+            # the new workers did not start: serve the rest of the epoch in this process (the old
+            # iterator's workers are gone, its sampler drained), keep the old setting, report the failure
+            self.it = _quiet_iter(derive(self.loader, 0, None, batch_sampler=_ListBatchSampler(remaining),
+                                         generator=g))
+            raise
+        finally:
             self._recorder = None
             self._replaced = True
-        elif self._replaced and self.it is not None:
-            pass   # a one-off loader serves the end of this epoch; the new setting starts next epoch
 
     def _exhausted(self) -> bool:
-        n = len(self.active) if hasattr(self.active, "__len__") else None
-        return n is not None and self.delivered >= n
+        try:
+            n = len(self.active)
+        except TypeError:       # a batch sampler without __len__: the replay tells what is left
+            return False
+        return self.delivered >= n
 
     def _remaining(self) -> list[Any]:
         """The epoch's index batches after the `delivered` ones, replayed and checked."""
         loader = self.it._index_sampler if hasattr(self.it, "_index_sampler") else self.active._index_sampler
-        gen = self.active.generator
+        gen = self.loader.generator
         assert self._snap is not None and self._recorder is not None
         current = _rng_snapshot(gen)
         try:
@@ -240,7 +275,11 @@ class WatchedLoader:
             raise NotTunable("the sampler does not replay the same order from its RNG state; left alone")
         if self.delivered > len(batches):
             raise NotTunable("more batches delivered than the sampler yields; left alone")
-        return batches[self.delivered:]
+        # the rest of the running epoch's index stream, drawn on the real RNGs as the untuned run
+        # draws it (a sampler's draws after its last index too): later epochs start where theirs do.
+        # Batches the running iterator pulled before the recorder was in place come from the replay.
+        rest = list(self._recorder.it)
+        return batches[self.delivered:start] + pulled[max(0, self.delivered - start):] + rest
 
 
 def _quiet_iter(loader: Any) -> Any:

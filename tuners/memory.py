@@ -33,12 +33,18 @@ class BestSettings:
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            return data if isinstance(data, dict) else {}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable %s: %s", self.path, exc)
             return {}
+        if not isinstance(data, dict):
+            log.warning("ignoring %s: a JSON object was expected, not %s", self.path, type(data).__name__)
+            return {}
+        bad = [k for k, v in data.items() if not isinstance(v, dict)]
+        if bad:
+            log.warning("ignoring %d malformed entries in %s", len(bad), self.path)
+        return {k: v for k, v in data.items() if isinstance(v, dict)}
 
     @staticmethod
     def _key(run: str, signature: str) -> str:
@@ -50,15 +56,26 @@ class BestSettings:
 
     def put(self, run: str, signature: str, knob: str, value: Any) -> None:
         with self._lock:
+            # merge with what is on disk now: another process (a second job's embedded hook, a
+            # restarted daemon) may have saved its own entries since this one was read
+            self._data = {**self._read(), **self._data}
             self._data.setdefault(self._key(run, signature), {})[knob] = value
             data = json.dumps(self._data, indent=1, sort_keys=True)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".best.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            log.warning("cannot save best settings to %s: %s", self.path, exc)
+            tmp = None
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".best.", suffix=".tmp")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                tmp = None
+            except OSError as exc:
+                log.warning("cannot save best settings to %s: %s", self.path, exc)
+            finally:
+                if tmp is not None:          # never leave a temp file behind
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass

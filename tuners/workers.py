@@ -40,6 +40,7 @@ class WorkersTuner:
         self.per_worker_bytes: int | None = None
         self.stop_reason = ""
         self.proposed_from: int | None = None
+        self.skip_one = False
 
     # ---- memory ----
 
@@ -70,6 +71,9 @@ class WorkersTuner:
         return min(want, fits)
 
     def budget_exceeded(self, obs: Observation) -> str | None:
+        cur = obs.knobs.get(self.knob)
+        if isinstance(cur, int) and not isinstance(cur, bool):
+            self._per_worker(obs, cur)      # learn from the trial's own workers before they go
         budget = self.budget(obs)
         if budget is not None and obs.worker_uss_bytes is not None and obs.worker_uss_bytes > budget:
             return f"workers use {obs.worker_uss_bytes / 2**20:.0f} MiB, over the {budget / 2**20:.0f} MiB budget"
@@ -98,7 +102,7 @@ class WorkersTuner:
         if ctx.verdict != "input" or self.done:
             return None
         if self.rejected_above is None:
-            want = 1 if cur == 0 else cur * 2
+            want = (2 if self.skip_one else 1) if cur == 0 else cur * 2
             why = f"input-bound ({ctx.window.data_wait_share:.0%} of step time waiting for data): climb"
         else:
             gap = self.rejected_above - cur
@@ -111,7 +115,9 @@ class WorkersTuner:
         want = self._fit_memory(ctx.obs, cur, want)
         if want <= cur or want in self.tried:
             self.done = True
-            self.stop_reason = self.stop_reason or f"bounded at {cur} (max_workers {self.max_workers})"
+            self.stop_reason = self.stop_reason or (
+                f"knee between {cur} and {self.rejected_above}" if self.rejected_above is not None
+                else f"bounded at {cur} (max_workers {self.max_workers})")
             return None
         self.proposed_from = cur
         return Proposal(self.knob, want, why)
@@ -122,6 +128,11 @@ class WorkersTuner:
         if outcome == "kept":
             return
         cur = self.proposed_from
+        if outcome == "rolled_back" and cur == 0 and value == 1 and not self.skip_one and self.max_workers >= 2:
+            # one worker loads as serially as the main process did (it only overlaps loading with the
+            # step), so 0 -> 1 can gain nothing where 2 would double the rate: probe 2 before stopping
+            self.skip_one = True
+            return
         if isinstance(cur, int) and value > cur:
             self.rejected_above = value if self.rejected_above is None else min(self.rejected_above, value)
         if outcome == "failed":
