@@ -30,7 +30,9 @@ class HostCollector:
         mem = self._ps.virtual_memory()
         swap = self._ps.swap_memory()
         return HostSnapshot(
-            cpu_seconds={mode: float(getattr(times, mode)) for mode in times._fields},
+            # guest time is already inside user and nice (as in /proc/stat): not a mode of its own
+            cpu_seconds={mode: float(getattr(times, mode)) for mode in times._fields
+                         if mode not in ("guest", "guest_nice")},
             cpus=self._ps.cpu_count(logical=True) or 1,
             memory_total_bytes=int(mem.total),
             memory_available_bytes=int(mem.available),
