@@ -71,6 +71,7 @@ class Sampler:
         self._started_at: float | None = None   # monotonic start of the sample in progress
         self._hang_counted = False
         self._failing = False                    # logs the first error of a streak only
+        self.generation = 0                      # finished samples, good or bad: what a cached scrape keys on
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"looptune-{self.name}", daemon=True)
@@ -114,6 +115,7 @@ class Sampler:
                 self._started_at = None
                 self._duration = self._clock() - start
                 self._failing = True
+            self.generation += 1
             if first and not unavailable:
                 log.warning("collector %s failed: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return
@@ -124,6 +126,7 @@ class Sampler:
             self._hang_counted = False
             self._duration = self._clock() - start
             self._last_success = time.time()
+            self.generation += 1
             if self._failing:
                 log.info("collector %s recovered", self.name)
             self._failing = False

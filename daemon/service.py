@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from collectors.base import Collector, Sampler
 from collectors.exporter import DaemonExporter, ReloadState
@@ -21,6 +21,7 @@ from collectors.host import HostCollector
 from collectors.jobs import JobsCollector
 from daemon import __version__
 from daemon import config as cfg
+from daemon import http as metrics_http
 from daemon.sdnotify import Notifier
 from collectors.hookjobs import HookJobsCollector, TunerCollector
 from daemon.hooks import HookRegistry
@@ -65,6 +66,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.http_server: Any = None
+        self.metrics_app: metrics_http.CachedMetricsApp | None = None
         self.socket_server: HookServer | None = None
         self.hooks = HookRegistry(grace_seconds=config.jobs.grace_seconds, max_jobs_per_uid=config.jobs.max_jobs)
         self.engine: tuning.Engine | None = None
@@ -148,9 +150,7 @@ class Daemon:
         self.registry = registry
         host, port = cfg.split_listen(self.listen)
         tls = self.config.daemon.tls
-        self.http_server, _ = start_http_server(
-            port, addr=host, registry=registry, certfile=tls.cert_file or None, keyfile=tls.key_file or None,
-            client_cafile=tls.client_ca_file or None, client_auth_required=tls.client_auth_required)
+        self.http_server, self.metrics_app = metrics_http.start(host, port, registry, self._generation, tls)
         self.address = self.http_server.server_address[:2]
         try:
             self.socket_server = HookServer(self.socket_path, self.hooks,
@@ -182,6 +182,8 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            if self.metrics_app is not None:
+                self.metrics_app.prerender()
             try:
                 self.tune_tick()
             except Exception:  # noqa: BLE001 - a tuning bug must not stop the monitoring
@@ -241,6 +243,15 @@ class Daemon:
             return {}, {}
         with self._engine_lock:
             return dict(self.engine.outcomes), {(k[0], str(k[1])): v for k, v in self.engine.verdicts().items()}
+
+    def _generation(self) -> tuple[Any, ...]:
+        """Changes whenever what a scrape would show changes (the exposition cache's key)."""
+        r = self.reload_state
+        gen: list[Any] = [r.successful, r.reloads, r.failures]
+        for name, s in self.samplers.items():
+            st = s.status()
+            gen.append((name, s.generation, st.up, st.hung, st.errors))
+        return tuple(gen)
 
     def healthy(self) -> bool:
         return all(not s.status().hung for s in self.samplers.values())
