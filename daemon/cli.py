@@ -108,6 +108,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.main(paths, args.watch)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from daemon import report
+
+    return report.cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="looptune", description="Monitor and auto-tune PyTorch training jobs.")
     p.add_argument("--version", action="version", version=f"looptune {__version__}")
@@ -135,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", "-w", type=float, nargs="?", const=2.0, metavar="SECONDS",
                     help="refresh like top (default every 2 s)")
     st.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("report", help="HTML page with PNG plots of one training run, from Prometheus "
+                       "(needs matplotlib: pip install 'looptune[report]')")
+    r.add_argument("--prometheus", required=True, metavar="URL",
+                   help="Prometheus base URL, e.g. http://prometheus:9090 (user:password@ for basic auth)")
+    r.add_argument("--run", required=True, help="the run label of the training run")
+    r.add_argument("--since", default="1h", metavar="DURATION",
+                   help="how far back to look, as a Prometheus duration: 30m, 1h, 2d (default 1h)")
+    r.add_argument("--out", metavar="DIR", help="output directory (default ./looptune-report-RUN)")
+    r.set_defaults(func=cmd_report)
 
     i = sub.add_parser("install-service", help="install the systemd unit and /etc/looptune/config.yaml")
     i.add_argument("--root", default="/", help="install under this directory instead of /")

@@ -106,6 +106,7 @@ _EXTENT = 'count({__name__=~"looptune_job_info|looptune_job_samples_total", run=
 _DECISIONS = 'sum by (tuner, knob, outcome) (looptune_tuner_decisions_total{run="$run"})'
 _TEXT_KNOBS = 'looptune_job_knob_info{run="$run"}'
 _PLACES = 'count by (instance, rank) ({__name__=~"looptune_job_info|looptune_job_samples_total", run="$run"})'
+_SAMPLES = 'sum(looptune_job_samples_total{run="$run"})'     # the raw counter: exact before/after figures
 
 VERDICT_COLORS = {"input": "#ff9830", "cpu": "#b877d9", "gpu": "#73bf69", "memory_headroom": "#f2495c",
                   "communication": "#5794f2", "none": "#9fa7b3"}
@@ -259,6 +260,7 @@ class Report:
     decisions: list[DecisionRow]
     decisions_metric_found: bool
     summary: str
+    samples_total: Series | None = None     # all ranks' samples counter, for before/after throughput
     generated: float = field(default_factory=time.time)
 
 
@@ -316,10 +318,16 @@ def collect(prom: Prometheus, run: str, since_seconds: float, now: float | None 
     changes += text_knob_changes(prom.query_range(_TEXT_KNOBS.replace("$run", qrun), start, end, step), step)
     changes.sort(key=lambda c: c.time)
     decision_series = prom.query_range(_DECISIONS.replace("$run", qrun), start, end, step)
-    decisions = decision_rows(decision_series, changes, start, window)
+    first_seen: dict[str, float] = {}
+    for _, ks in knob_panel.series:
+        knob = ks.labels.get("knob", "?")
+        first_seen[knob] = min(first_seen.get(knob, ks.t[0]), ks.t[0])
+    decisions = decision_rows(decision_series, changes, start, step, window, first_seen)
+    counter = prom.query_range(_SAMPLES.replace("$run", qrun), start, end, step)
     report = Report(run=run, prometheus=prom.display, start=start, end=end, step=step, rate_window=rate_window,
                     ranks=ranks, nodes=nodes, panels=panels, decisions=decisions,
-                    decisions_metric_found=bool(decision_series), summary="")
+                    decisions_metric_found=bool(decision_series), summary="",
+                    samples_total=counter[0] if counter else None)
     report.summary = summarize(report, changes, window)
     return report
 
@@ -384,41 +392,92 @@ def _ranks_text(ranks: Sequence[str]) -> str:
     return ", ".join(ranks)
 
 
-def decision_rows(series: Iterable[Series], changes: list[KnobChange], start: float,
-                  window: float) -> list[DecisionRow]:
-    """One row per decision (counter increase of looptune_tuner_decisions_total), joined with the
-    knob change it made; knob changes no decision explains get rows of their own."""
-    rows: list[DecisionRow] = []
-    used: set[int] = set()
+@dataclass
+class Trial:
+    """A knob change, and the change back if it was undone (a rolled-back trial)."""
+    change: KnobChange
+    revert: KnobChange | None = None
+
+
+def trials_of(changes: list[KnobChange], max_seconds: float) -> list[Trial]:
+    """Pair each change with the next change of the same knob if that one undoes it soon after."""
+    out: list[Trial] = []
+    by_knob: dict[str, list[KnobChange]] = {}
+    for c in sorted(changes, key=lambda c: c.time):
+        by_knob.setdefault(c.knob, []).append(c)
+    for cs in by_knob.values():
+        i = 0
+        while i < len(cs):
+            c = cs[i]
+            nxt = cs[i + 1] if i + 1 < len(cs) else None
+            if nxt is not None and (nxt.old, nxt.new) == (c.new, c.old) and nxt.time - c.time <= max_seconds:
+                out.append(Trial(c, nxt))
+                i += 2
+            else:
+                out.append(Trial(c))
+                i += 1
+    out.sort(key=lambda t: t.change.time)
+    return out
+
+
+def decision_events(series: Iterable[Series], start: float, step: float) -> list[tuple[float, str, str, str, int]]:
+    """(time, tuner, knob, outcome, count) for each increase of looptune_tuner_decisions_total.
+    A tuner's first decision of a kind creates its counter at 1: a series that begins after
+    the range does counts from zero; one already there at the start is the baseline."""
+    events = []
     for s in series:
         tuner, knob, outcome = (s.labels.get(k, "") for k in ("tuner", "knob", "outcome"))
         prev = None
-        for i, (t, v) in enumerate(zip(s.t, s.v)):
+        for t, v in zip(s.t, s.v):
             if not math.isfinite(v):
                 continue
             if prev is None:
-                # a counter that appears after the range began counts from zero
-                n = v if i > 0 or t - start > 2 * window else 0.0
+                n = v if t - start > 2 * step else 0.0
             else:
                 n = v - prev if v >= prev else v        # a reset starts from zero again
             prev = v
-            if n <= 0:
-                continue
-            match = None
-            for j, c in enumerate(changes):
-                if j not in used and c.knob == knob and abs(c.time - t) <= 2 * window and \
-                        (match is None or abs(c.time - t) < abs(changes[match].time - t)):
-                    match = j
-            if match is not None:
-                used.add(match)
-                c = changes[match]
-                rows.append(DecisionRow(c.time, knob, f"{c.old} → {c.new}", _ranks_text(c.ranks), tuner,
-                                        outcome, int(n)))
-            else:
-                rows.append(DecisionRow(t, knob, "", "", tuner, outcome, int(n)))
-    for j, c in enumerate(changes):
-        if j not in used:
-            rows.append(DecisionRow(c.time, c.knob, f"{c.old} → {c.new}", _ranks_text(c.ranks), "", ""))
+            if n > 0:
+                events.append((t, tuner, knob, outcome, int(n)))
+    events.sort()
+    return events
+
+
+def decision_rows(series: Iterable[Series], changes: list[KnobChange], start: float, step: float,
+                  window: float, first_seen: dict[str, float] | None = None) -> list[DecisionRow]:
+    """One row per trial: the knob change a tuner made, with the outcome its decision counter
+    recorded when the trial ended (kept; rolled_back: the change was undone; failed). A decision
+    is counted after its trial began, so it belongs to the latest trial of its knob that began
+    before it and fits its outcome (a rolled-back trial is one whose change was undone); a
+    decision no trial fits gets a row of its own, and changes no decision explains (a trial
+    still running, a change by hand) keep '—'. `first_seen`: knob -> when its series begins,
+    for a trial that was already running at the first sample (only its undoing is seen)."""
+    events = decision_events(series, start, step)
+    late = step + window / 4     # a knob's new value shows up to a report and a scrape late
+    trials = trials_of(changes, max_seconds=600)
+    for knob, seen in (first_seen or {}).items():
+        mine = [i for i, tr in enumerate(trials) if tr.change.knob == knob]
+        if not mine or trials[mine[0]].revert is not None:
+            continue
+        c0 = trials[mine[0]].change
+        if any(k == knob and out in ("rolled_back", "failed") and t <= c0.time + late
+               for t, _, k, out, _ in events):
+            trials[mine[0]] = Trial(KnobChange(seen, knob, c0.new, c0.old, c0.ranks), revert=c0)
+    outcome: dict[int, tuple[str, str, int]] = {}
+    rows: list[DecisionRow] = []
+    for t, tuner, knob, out, n in events:
+        undone = out in ("rolled_back", "failed")
+        fitting = [i for i, tr in enumerate(trials) if i not in outcome and tr.change.knob == knob
+                   and tr.change.time <= t + late and (tr.revert is not None) == undone]
+        before = [i for i in fitting if trials[i].change.time <= t]
+        pick = (before or fitting or [None])[-1]
+        if pick is None:
+            rows.append(DecisionRow(t, knob, "", "", tuner, out, n))   # e.g. failed: nothing changed
+        else:
+            outcome[pick] = (tuner, out, n)
+    for i, tr in enumerate(trials):
+        c = tr.change
+        tuner, out, n = outcome.get(i, ("", "", 1))
+        rows.append(DecisionRow(c.time, c.knob, f"{c.old} → {c.new}", _ranks_text(c.ranks), tuner, out, n))
     rows.sort(key=lambda r: r.time)
     return rows
 
@@ -461,21 +520,27 @@ def _panel(report: Report, title: str) -> PanelData:
 
 
 def bound_phases(timeline: list[tuple[float, str]]) -> tuple[str | None, float, float | None]:
-    """(the verdict held longest, its share of the points, when it last ended or None if it
-    still holds at the end)."""
-    if not timeline:
-        return None, 0.0, None
+    """(the verdict held longest, its share of the points, when it last held if it no longer
+    holds at the end, else None)."""
     counts: dict[str, int] = {}
     for _, kind in timeline:
         counts[kind] = counts.get(kind, 0) + 1
-    kind = max((k for k in counts if k != "none"), key=lambda k: counts[k], default=None)
+    kind = max((k for k in counts if k not in ("none", "other")), key=lambda k: counts[k], default=None)
     if kind is None:
         return None, 0.0, None
     share = counts[kind] / len(timeline)
-    until = None
-    if timeline[-1][1] != kind:
-        until = max(t for t, k in timeline if k == kind)
+    until = max(t for t, k in timeline if k == kind) if timeline[-1][1] != kind else None
     return kind, share, until
+
+
+def settled_setting(report: Report, changes: list[KnobChange]) -> tuple[str, str] | None:
+    """(knob, value) the tuners settled on: the last kept trial's, else the last change's."""
+    kept = [r for r in report.decisions if r.outcome == "kept" and r.change]
+    if kept:
+        return kept[-1].knob, kept[-1].change.split(" → ")[1]
+    if changes:
+        return changes[-1].knob, changes[-1].new
+    return None
 
 
 def summarize(report: Report, changes: list[KnobChange], window: float) -> str:
@@ -486,59 +551,74 @@ def summarize(report: Report, changes: list[KnobChange], window: float) -> str:
     parts: list[str] = []
 
     # where the time went: the engine's verdicts where there are some, else the data-wait share
-    verdicts = _panel(report, "Bottleneck verdict").series
-    if verdicts:
-        by_time: dict[float, dict[str, float]] = {}
-        for _, s in verdicts:
-            for t, v in zip(s.t, s.v):
-                if math.isfinite(v) and v > 0:
-                    by_time.setdefault(t, {})[s.labels.get("kind", "?")] = v
-        timeline = [(t, max(ks, key=lambda k: ks[k])) for t, ks in sorted(by_time.items())]
-        kind, share, until = bound_phases(timeline)
-        if kind is not None:
-            text = f"{kind}-bound {share:.0%} of the time"
-            parts.append(text + (f" until {_clock(until, span)}" if until is not None else ""))
-    wait = _mean_by_time([s for _, s in _panel(report, "Data-wait share").series])
-    if not parts and wait:
-        timeline = [(t, "input" if v > INPUT_BOUND_SHARE else "other") for t, v in wait]
-        _, share, until = bound_phases(timeline)
-        mean = statistics.fmean(v for _, v in wait)
-        if share > 0 and any(k == "input" for _, k in timeline):
-            text = f"input-bound (waiting on data over half the time) {share:.0%} of the time"
-            parts.append(text + (f" until {_clock(until, span)}" if until is not None else ""))
-        else:
-            parts.append(f"waited on data {mean:.0%} of its time")
-
-    # what changed
-    if changes:
-        per_knob: dict[str, list[KnobChange]] = {}
-        for c in changes:
-            per_knob.setdefault(c.knob, []).append(c)
-        for knob, cs in per_knob.items():
-            more = f" ({len(cs)} changes)" if len(cs) > 1 else ""
-            parts.append(f"{knob} {cs[0].old}→{cs[-1].new}{more}")
+    by_time: dict[float, dict[str, float]] = {}
+    for _, s in _panel(report, "Bottleneck verdict").series:
+        for t, v in zip(s.t, s.v):
+            if math.isfinite(v) and v > 0:
+                by_time.setdefault(t, {})[s.labels.get("kind", "?")] = v
+    timeline = [(t, max(ks, key=lambda k: ks[k])) for t, ks in sorted(by_time.items())]
+    kind, share, until = bound_phases(timeline) if timeline else (None, 0.0, None)
+    if kind is not None:
+        parts.append(f"{kind}-bound {share:.0%} of the time" + (f" until {_clock(until, span)}" if until else ""))
     else:
-        parts.append("no knob changed")
+        wait = _mean_by_time([s for _, s in _panel(report, "Data-wait share").series])
+        if wait:
+            kind, share, until = bound_phases([(t, "input" if v > INPUT_BOUND_SHARE else "other")
+                                               for t, v in wait])
+            if kind is not None:
+                parts.append(f"input-bound (waiting on data over half the time) {share:.0%} of the time"
+                             + (f" until {_clock(until, span)}" if until else ""))
+            else:
+                parts.append(f"waited on data {statistics.fmean(v for _, v in wait):.0%} of its time")
 
-    # what it bought
-    total = [s for legend_, s in _panel(report, "Samples/s").series if legend_ == "whole run"]
-    if total:
-        pts = [(t, v) for t, v in zip(total[0].t, total[0].v) if math.isfinite(v)]
-        if changes:
-            first, last = changes[0].time, changes[-1].time
-            before = _series_mean(v for t, v in pts if t < first)
-            after = _series_mean(v for t, v in pts if t > last + window)
-            if before and after:
-                parts.append(f"samples/s ×{after / before:.1f} ({before:,.0f} → {after:,.0f})")
-        else:
-            mean = _series_mean(v for _, v in pts)
+    # what changed, and what it bought
+    settled = settled_setting(report, changes)
+    total = [s for name, s in _panel(report, "Samples/s").series if name == "whole run"]
+    if settled is None:
+        parts.append("no knob changed")
+        if total:
+            mean = _series_mean(total[0].v)
             if mean is not None:
                 parts.append(f"{mean:,.0f} samples/s on average")
+    else:
+        knob, value = settled
+        mine = [c for c in changes if c.knob == knob]
+        trials = [r for r in report.decisions if r.knob == knob and r.change]
+        tried = len(trials)
+        first_old = trials[0].change.split(" → ")[0] if trials else mine[0].old
+        text = f"{knob} {first_old}→{value}"
+        if tried > 1:
+            text += f" after {tried} trials"
+        if mine[-1].new != value:
+            text += f" (now trying {mine[-1].new})"
+        parts.append(text)
+        # samples/s from the raw counter: before the first kept change (a rolled-back trial changed
+        # nothing for long), and since the change to the setting the tuners settled on
+        kept_at = [r.time for r in report.decisions if r.outcome == "kept" and r.knob == knob and r.change]
+        settled_at = [r.time for r in report.decisions if r.knob == knob and r.change.endswith(f"→ {value}")]
+        if report.samples_total is not None and report.samples_total.t:
+            c = report.samples_total
+            first_change = kept_at[0] if kept_at else changes[0].time
+            before = _counter_rate(c, c.t[0], first_change, report.step)
+            after = _counter_rate(c, (settled_at or [changes[-1].time])[-1], c.t[-1], report.step)
+            if before and after:
+                parts.append(f"samples/s ×{after / before:.1f} ({before:,.0f} → {after:,.0f})")
     kept = sum(r.count for r in report.decisions if r.outcome == "kept")
     undone = sum(r.count for r in report.decisions if r.outcome in ("rolled_back", "failed"))
     if kept or undone:
-        parts.append(f"tuner decisions: {kept} kept, {undone} rolled back or failed")
+        parts.append(f"{kept} trial{'s' if kept != 1 else ''} kept, {undone} rolled back or failed")
     return f"{head}: " + "; ".join(parts) + "."
+
+
+def _counter_rate(c: Series, t0: float, t1: float, step: float) -> float | None:
+    """Per-second increase of a counter between its points nearest t0 and t1 (None when the
+    interval is too short or the counter was reset)."""
+    pts = [(t, v) for t, v in zip(c.t, c.v) if math.isfinite(v) and t0 - step / 2 <= t <= t1 + step / 2]
+    if len(pts) < 3 or pts[-1][0] - pts[0][0] < 2 * step:
+        return None
+    if any(b[1] < a[1] for a, b in zip(pts, pts[1:])):
+        return None
+    return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,20 +633,23 @@ def _require_matplotlib() -> Any:
     return Figure, FigureCanvasAgg
 
 
+def _bytes_scale(series: Sequence[tuple[str, Series]]) -> tuple[float, str]:
+    """(divisor, unit) so that the largest value plots between 1 and 1024: round ticks."""
+    top = max((v for _, s in series for v in s.v if math.isfinite(v)), default=0.0)
+    scale, unit = 1.0, "bytes"
+    for u in ("KiB", "MiB", "GiB", "TiB"):
+        if top >= 1024 * scale:
+            scale, unit = scale * 1024, u
+    return scale, unit
+
+
 def _formatter(unit: str) -> Any:
     from matplotlib.ticker import FuncFormatter
-
-    def bytes_(v: float, _: Any) -> str:
-        for u in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(v) < 1024 or u == "TiB":
-                return f"{v:.0f} {u}" if u == "B" else f"{v:.1f} {u}"
-            v /= 1024
-        return str(v)
 
     def seconds(v: float, _: Any) -> str:
         return f"{v * 1000:.0f} ms" if abs(v) < 1 else f"{v:.1f} s"
 
-    return FuncFormatter({"bytes": bytes_, "seconds": seconds,
+    return FuncFormatter({"seconds": seconds,
                           "ratio": lambda v, _: f"{v:.0%}"}.get(unit, lambda v, _: f"{v:g}"))
 
 
@@ -593,30 +676,52 @@ def draw(panel: PanelData, report: Report, path: Path, mpl: Any) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     spec = panel.spec
+    title = spec.title
     if spec.unit == "verdict":
         _draw_verdicts(ax, panel, report)
     else:
-        for label, s in panel.series:
+        series = panel.series
+        if title == "Knob values":
+            # knobs that never change would only squash the others: name them in the title
+            constant = [(name, s) for name, s in series
+                        if len({v for v in s.v if math.isfinite(v)}) == 1
+                        and all(b - a <= 1.5 * report.step for a, b in zip(s.t, s.t[1:]))]
+            if len(constant) < len(series):
+                series = [item for item in series if item not in constant]
+                title += "".join(f"  ({s.labels.get('knob')} {_fmt_value(s.v[0])} throughout)" for _, s in constant)
+        scale, suffix = _bytes_scale(series) if spec.unit == "bytes" else (1.0, "")
+        for label, s in series:
             xs, ys = _with_gaps(s, report.step)
-            ax.plot(xs, ys, label=label, linewidth=1.4, drawstyle="steps-post" if spec.steps else "default")
-        ax.yaxis.set_major_formatter(_formatter(spec.unit))
+            ys = [y / scale for y in ys]
+            style: dict[str, Any] = {"linewidth": 1.4}
+            if label == "whole run":
+                style = {"linewidth": 2.2, "color": "#1f2328", "linestyle": (0, (4, 2)), "zorder": 3}
+            ax.plot(xs, ys, label=label, drawstyle="steps-post" if spec.steps else "default", **style)
+        if spec.unit == "bytes":
+            ax.set_ylabel(suffix)
+        else:
+            ax.yaxis.set_major_formatter(_formatter(spec.unit))
         if spec.unit == "ratio":
             ax.set_ylim(0, 1.02)
         else:
             ax.set_ylim(bottom=0)
         if spec.title == "Knob values":
+            shown = set()
             for row in report.decisions:
-                if row.tuner:
-                    color = "#2ca02c" if row.outcome == "kept" else "#d62728"
-                    ax.axvline(datetime.fromtimestamp(row.time).astimezone(), color=color, linestyle="--",
-                               linewidth=1)
+                if row.tuner and row.change:
+                    kept = row.outcome == "kept"
+                    label = "trial kept" if kept else "trial rolled back"
+                    ax.axvline(datetime.fromtimestamp(row.time).astimezone(), color="#2ca02c" if kept else "#d62728",
+                               linestyle="--", linewidth=1, label=None if label in shown else label)
+                    shown.add(label)
         if spec.unit not in ("ratio", "bytes", "seconds", "verdict"):
             ax.set_ylabel(spec.unit)
     tz = datetime.now().astimezone().tzinfo
-    ax.xaxis.set_major_locator(mdates.AutoDateLocator(tz=tz))
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(ax.xaxis.get_major_locator(), tz=tz))
+    ax.xaxis.set_major_locator(mdates.AutoDateLocator(tz=tz, maxticks=10))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M" if report.end - report.start >= 900 else "%H:%M:%S",
+                                                      tz=tz))
     ax.set_xlim(datetime.fromtimestamp(report.start).astimezone(), datetime.fromtimestamp(report.end).astimezone())
-    ax.set_title(spec.title, loc="left", fontsize=11, fontweight="bold")
+    ax.set_title(title, loc="left", fontsize=11, fontweight="bold")
     ax.grid(alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
     if handles:
@@ -633,6 +738,8 @@ def _draw_verdicts(ax: Any, panel: PanelData, report: Report) -> None:
     xs = [datetime.fromtimestamp(t).astimezone() for t in times]
     bottom = [0.0] * len(times)
     for label, s in panel.series:
+        if not any(math.isfinite(v) and v > 0 for v in s.v):
+            continue
         by_t = dict(zip(s.t, s.v))
         top = [b + (by_t.get(t, 0.0) if math.isfinite(by_t.get(t, 0.0)) else 0.0) for b, t in zip(bottom, times)]
         kind = s.labels.get("kind", label)
