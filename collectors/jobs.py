@@ -111,8 +111,10 @@ class JobsCollector:
 
     def __init__(self, patterns: Sequence[str], *, gpu_processes: Callable[[], Iterable[Any]] | None = None,
                  registered: Callable[[], dict[int, tuple[str, str, str]]] | None = None,
-                 memory_detail_interval: float = 10.0, max_jobs: int = 64, ps: Any = psutil,
+                 memory_detail_interval: float = 10.0, max_jobs: int = 64, discover_after: float = 0.0,
+                 ps: Any = psutil,
                  self_pid: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.discover_after = discover_after   # seconds a found process waits for its hook to name it
         self.configure(patterns, memory_detail_interval, max_jobs)
         self._gpu_processes = gpu_processes
         self._registered = registered     # pid -> (run, rank, world_size) from connected hooks
@@ -125,7 +127,8 @@ class JobsCollector:
         self._capped_logged = False
         self.last: JobsSnapshot | None = None
 
-    def configure(self, patterns: Sequence[str], memory_detail_interval: float, max_jobs: int) -> None:
+    def configure(self, patterns: Sequence[str], memory_detail_interval: float, max_jobs: int,
+                  discover_after: float | None = None) -> None:
         """Apply a reloaded config; already-cached processes are matched again at the next sample.
 
         Called from the main loop while the sampler thread may be filling the cache: the cache is
@@ -134,6 +137,8 @@ class JobsCollector:
         self._patterns = [re.compile(p) for p in patterns]
         self.memory_detail_interval = memory_detail_interval
         self.max_jobs = max_jobs
+        if discover_after is not None:
+            self.discover_after = discover_after
         self._rematch = True
 
     def _matches(self, cmdline: list[str]) -> bool:
@@ -220,7 +225,9 @@ class JobsCollector:
     # ---- jobs ----
 
     def _roots(self, gpu_pids: set[int]) -> list[_Entry]:
-        cands = {pid for pid, e in self._cache.items() if e.matched} | (gpu_pids & self._cache.keys()) | \
+        born_before = time.time() - self.discover_after
+        found = {pid for pid, e in self._cache.items() if e.matched} | (gpu_pids & self._cache.keys())
+        cands = {pid for pid in found if self._cache[pid].id.create_time <= born_before} | \
             (self._hooked.keys() & self._cache.keys())
         cands.discard(self._self_pid)
         roots = []

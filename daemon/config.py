@@ -117,6 +117,9 @@ class JobsConfig:
         "GPU context) is a training job. Its DataLoader workers and other children belong to it.",
         check=_check_regex)
     gpu_processes: bool = opt(True, "Also count any process holding a GPU context as a job.")
+    discover_after_seconds: float = opt(10.0, "A process found by pattern or GPU context becomes a job only "
+                                              "after running this long, so a hook starting up names it first "
+                                              "(and short-lived commands never show).", lo=0, hi=600)
     memory_detail_interval_seconds: float = opt(
         10.0, "How often USS/PSS are read per process; they walk the page tables, so slower than RSS.",
         lo=1, hi=600)

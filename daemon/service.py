@@ -91,6 +91,7 @@ class Daemon:
 
             return JobsCollector(c.jobs.match, gpu_processes=gpu_processes if c.jobs.gpu_processes else None,
                                  registered=self.hooks.registered_pids,
+                                 discover_after=c.jobs.discover_after_seconds,
                                  memory_detail_interval=c.jobs.memory_detail_interval_seconds,
                                  max_jobs=c.jobs.max_jobs)
         if name == "hooks":
@@ -129,7 +130,8 @@ class Daemon:
         jobs = self.samplers.get("jobs")
         if jobs is not None:
             j = self.config.jobs
-            jobs.collector.configure(j.match, j.memory_detail_interval_seconds, j.max_jobs)  # type: ignore[attr-defined]
+            jobs.collector.configure(j.match, j.memory_detail_interval_seconds, j.max_jobs,  # type: ignore[attr-defined]
+                                     j.discover_after_seconds)
         if self._extra_collectors is not None:
             for c in self._extra_collectors():
                 if c.name not in self.samplers:

@@ -252,6 +252,8 @@ class Engine:
             if not self._send(key, decision):
                 return
             job.trial = trial
+            for outcome in ("kept", "rolled_back", "failed"):   # series exist at 0, so increase() sees the 1st
+                self.outcomes.setdefault((job.run, tuner.name, p.knob, outcome), 0)
             log.info("run %s: trial %s %s -> %r (%s)", job.run, tuner.name, p.knob, p.value, p.reason)
             return
 

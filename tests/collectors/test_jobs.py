@@ -258,6 +258,15 @@ def test_own_pid_is_never_a_job(spawn: Any, tag: str) -> None:
     assert all(j.root_pid != os.getpid() for j in JobsCollector([me]).sample().jobs)
 
 
+def test_a_found_process_waits_for_its_hook_before_it_is_a_job(spawn: Any, tag: str) -> None:
+    f = spawn(tag)
+    assert collector(tag, discover_after=3600).sample().jobs == []          # too young to be named yet
+    assert [j.root_pid for j in collector(tag, discover_after=0).sample().jobs] == [f.pid]
+    # a hook that registered names it at once, whatever its age
+    hooked = collector(tag, discover_after=3600, registered=lambda: {f.pid: ("exp-9", "0", "1")})
+    assert [(j.run, j.rank) for j in hooked.sample().jobs] == [("exp-9", "0")]
+
+
 def test_dead_process_leaves_the_next_snapshot(spawn: Any, tag: str) -> None:
     keep = spawn(tag)
     gone = spawn(tag)
