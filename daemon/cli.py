@@ -108,6 +108,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.main(paths, args.watch)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from daemon import demo
+        return demo.run(seconds=args.seconds, listen=args.listen)
+    except ImportError as exc:
+        print(f"looptune demo needs torch ({exc}); install it with: pip install torch==2.13.0 && "
+              "pip install 'looptune[torch]'", file=sys.stderr)
+        return 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from daemon import report
 
@@ -141,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", "-w", type=float, nargs="?", const=2.0, metavar="SECONDS",
                     help="refresh like top (default every 2 s)")
     st.set_defaults(func=cmd_status)
+
+    dm = sub.add_parser("demo", help="a minute of an input-bound training loop that looptune speeds up "
+                        "(needs the torch extra)")
+    from daemon import demo    # argparse only: torch is imported when the demo runs
+    demo.add_arguments(dm)
+    dm.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="HTML page with PNG plots of one training run, from Prometheus "
                        "(needs matplotlib: pip install 'looptune[report]')")

@@ -335,6 +335,11 @@ class Hook:
             pass
         if self._channel is not None:
             self._channel.stop()
+        if self._watched is not None:
+            try:           # persistent workers would otherwise wait for the cycle collector (seconds each)
+                self._watched.stop_workers()
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc)
         if self._metrics_server is not None:
             try:
                 self._metrics_server.shutdown()
@@ -429,8 +434,9 @@ class Hook:
             self._engine = from_config(self.config, lambda _key, d: (self._queue_decision(d), True)[1],
                                        daemon=False)
             me = os.getpid()
+            # self_pid=-1: a collector leaves out the process it runs in (the daemon); here that process is the job
             self._tree = JobsCollector([], registered=lambda: {me: (self.run, str(self.rank), str(self.world_size))},
-                                       memory_detail_interval=2.0)
+                                       memory_detail_interval=2.0, self_pid=-1)
         snap = self._tree.sample()
         job = snap.jobs[0] if snap.jobs else None
         obs = build(time.monotonic(), self.report(), job, host_available_bytes=psutil.virtual_memory().available,

@@ -12,7 +12,8 @@ boundary after k batches of the epoch:
 3. drains the running iterator's index source, so that the RNGs make the rest of the draws the
    untuned epoch makes (RandomSampler draws a last, empty randperm when it runs out), then
    stops the old iterator and serves batches k.. from a one-off DataLoader with the new
-   setting, whose own generator keeps the user's untouched;
+   setting, whose own generator keeps the user's untouched (a further change in the same
+   epoch starts another one-off loader on the rest of those known batches);
 4. later epochs iterate a DataLoader derived from the user's (same dataset, sampler, batch
    sampler, collate_fn, worker_init_fn, pin_memory, persistent_workers) with the new setting.
    Its base seed is drawn from a private generator; the watched loader makes the draw on the
@@ -150,9 +151,9 @@ class WatchedLoader:
         self._drew_seed = False
         self._recorder: _Recorder | None = None
         self._pulled_before = 0
-        self._replaced = False          # this epoch is served by a one-off loader
+        self._oneoff: tuple[list[Any], int] | None = None   # this epoch's end: (index batches, from batch)
         self._user_started = getattr(loader, "_iterator", None) is not None
-        self._stale: list[Any] = []     # persistent iterators of a setting left between epochs
+        self._stale: list[tuple[Any, Any]] = []   # (iterator, loader): persistent ones of a setting left
         self.tunable_reason = why_not_tunable(loader)
 
     # ---- iteration ----
@@ -161,10 +162,10 @@ class WatchedLoader:
         from tuners.hook import _WatchedIter, _perf
         self.epoch += 1
         self.delivered = 0
-        self._replaced = False
+        self._oneoff = None
         self._recorder = None
         while self._stale:              # their workers would otherwise idle, and hold memory, for good
-            _shutdown(self._stale.pop())
+            _shutdown(*self._stale.pop())
         if self.tunable_reason is None:
             self._start_epoch()
         else:
@@ -218,35 +219,50 @@ class WatchedLoader:
         if w == self.active.num_workers and (w == 0 or p == self.active.prefetch_factor):
             return
         import torch
-        mid_epoch = self.it is not None and self._recorder is not None and not self._exhausted()
         # its base seed: see _start_epoch
         new_active = derive(self.loader, w, p if w > 0 else None, generator=torch.Generator())
-        if not mid_epoch:
-            # before the first epoch, between epochs, or while a one-off loader serves the end of
-            # this one: the new setting starts with the next epoch
+        if self.it is None or self._exhausted() or (self._oneoff is None and self._recorder is None):
+            # before the first epoch or between epochs: the new setting starts with the next epoch
             old_it = getattr(self.active, "_iterator", None)
             if self.active.persistent_workers and old_it is not None:
-                self._stale.append(old_it)  # stopped when the next epoch starts, not under a running loop
+                self._stale.append((old_it, self.active))   # stopped at the next epoch's start, not under a loop
             self.active = new_active
             return
-        remaining = self._remaining()       # NotTunable: nothing changed, the running iterator goes on
+        if self._oneoff is not None:
+            # a one-off loader serves this epoch's end already: its index batches are known
+            batches, first = self._oneoff
+            remaining = batches[self.delivered - first:]
+        else:
+            remaining = self._remaining()   # NotTunable: nothing changed, the running iterator goes on
         old, self.it = self.it, None
-        _shutdown(old)                      # first: the old and the new workers never run together
+        _shutdown(old, self.active)         # first: the old and the new workers never run together
         g = torch.Generator()
         g.manual_seed(self.epoch * 1000003 + self.delivered)   # worker seeds of the one-off loader
+        self._recorder = None
+        self._oneoff = (remaining, self.delivered)
         try:
             self.it = _quiet_iter(derive(self.loader, w, p if w > 0 else None,
                                          batch_sampler=_ListBatchSampler(remaining), generator=g))
             self.active = new_active
         except Exception:
-            # the new workers did not start: serve the rest of the epoch in this process (the old
-            # iterator's workers are gone, its sampler drained), keep the old setting, report the failure
-            self.it = _quiet_iter(derive(self.loader, 0, None, batch_sampler=_ListBatchSampler(remaining),
-                                         generator=g))
+            # the new workers did not start: serve the rest of the epoch with the old setting (its
+            # iterator's workers are gone, its sampler drained), else in this process; report the failure
+            old_w, old_p = self.active.num_workers, self.active.prefetch_factor
+            try:
+                self.it = _quiet_iter(derive(self.loader, old_w, old_p, batch_sampler=_ListBatchSampler(remaining),
+                                             generator=g))
+            except Exception:  # noqa: BLE001 - the failure reported is the new setting's
+                self.it = _quiet_iter(derive(self.loader, 0, None, batch_sampler=_ListBatchSampler(remaining),
+                                             generator=g))
+            if self.active.persistent_workers:      # its workers are gone: the same setting, new workers
+                self.active = derive(self.loader, self.active.num_workers, self.active.prefetch_factor,
+                                     generator=torch.Generator())
             raise
-        finally:
-            self._recorder = None
-            self._replaced = True
+
+    def stop_workers(self) -> None:
+        """Stop every worker this wrapper started or runs (Hook.close): persistent workers of a
+        loader caught in a reference cycle would otherwise linger until the cycle collector."""
+        _stop_all(self)
 
     def _exhausted(self) -> bool:
         try:
@@ -282,6 +298,17 @@ class WatchedLoader:
         return batches[self.delivered:start] + pulled[max(0, self.delivered - start):] + rest
 
 
+def _stop_all(w: "WatchedLoader") -> None:
+    while w._stale:
+        _shutdown(*w._stale.pop())
+    if w.it is not None:
+        _shutdown(w.it, w.active)
+        w.it = None
+    persistent = getattr(w.active, "_iterator", None)
+    if persistent is not None:
+        _shutdown(persistent, w.active)
+
+
 def _quiet_iter(loader: Any) -> Any:
     import warnings
     with warnings.catch_warnings():
@@ -289,7 +316,11 @@ def _quiet_iter(loader: Any) -> Any:
         return iter(loader)
 
 
-def _shutdown(it: Any) -> None:
+def _shutdown(it: Any, owner: Any = None) -> None:
+    """Stop an iterator's workers; a persistent one is forgotten by its loader, whose next iter()
+    then starts afresh instead of resuming dead workers."""
     stop = getattr(it, "_shutdown_workers", None)
     if stop is not None:
         stop()
+    if owner is not None and getattr(owner, "_iterator", None) is it:
+        owner._iterator = None
