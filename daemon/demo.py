@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 RUN = "looptune-demo"
 BATCH = 16
-ITEMS = 4096
+ITEMS = 16384              # an epoch lasts ~40 s at num_workers=0: the changes happen mid-epoch
 FEATURES = 32
 CLASSES = 4
 READ_SECONDS = 0.002         # per item: a read from remote storage
@@ -173,8 +173,9 @@ class _DemoDaemon:
         if job is None:
             return "-", ""
         t = job.trial
+        verdict = job.verdict if job.windows else "-"      # no full window judged yet
         trial = f"trial {t.proposal.knob} {t.old} -> {t.proposal.value} ({t.phase})" if t is not None else ""
-        return job.verdict, trial
+        return verdict, trial
 
     def history(self, key: tuple[str, int]) -> list[dict[str, Any]]:
         eng = self.daemon.engine
@@ -283,7 +284,7 @@ def run(seconds: float = 60.0, listen: str = "127.0.0.1:0", out: Any = None) -> 
                                 hook.knobs.get("num_workers"))
                     prev = ticks[-1]
                     ticks.append(tick)
-                    loss_v = float(loss)
+                    loss_v = loss.item()
                     verdict, trial = demo.verdict_and_trial(key) if hook.mode == "daemon" else ("-", "")
                     line = (f"{now:4.0f}s  {_fmt_rate(_rate(prev, tick)):>6} samples/s  data wait "
                             f"{_fmt_share(_share(prev, tick)):>4}  num_workers {tick.workers!s:>2}  "

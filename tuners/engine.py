@@ -25,6 +25,8 @@ from tuners.bottleneck import Window, verdict
 
 log = logging.getLogger("looptune.engine")
 
+STEADY_WINDOWS = 10   # windows kept at the current setting, to judge the job's jitter
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -99,6 +101,8 @@ class Trial:
     settle_left: int = 0
     measured: list[float] = field(default_factory=list)
     below: int = 0
+    steady: list[float] = field(default_factory=list)   # every window at the old setting: its jitter
+    extended: bool = False
     rollback_id: int | None = None
 
 
@@ -146,9 +150,13 @@ class Engine:
                 self._check_applied(key, job, obs)
             return
         w = _window(job.window_start, obs)
-        job.window_start = obs
-        if w is None:        # no step finished in this window (a long step): nothing to judge
+        if w is None:
+            if obs.counters["steps"] < job.window_start.counters["steps"] or obs.time <= job.window_start.time:
+                job.window_start = obs      # counters or clock restarted: begin again from here
+            # else no step finished yet (a step longer than a window): the window grows until one
+            # does, so samples/s counts the whole time those samples took, not one window's worth
             return
+        job.window_start = obs
         job.windows.append(w)
         job.verdict = verdict(w)
         self._advance(key, job, obs, w)
@@ -188,11 +196,11 @@ class Engine:
         t = job.trial
         s = self.settings
         if t is None:
-            job.steady.append(w.samples_per_second)
-            del job.steady[:-max(s.baseline_windows, s.measure_windows)]
-            if job.cooldown > 0:
+            if job.cooldown > 0:      # windows right after a roll back hold a worker restart: no baseline
                 job.cooldown -= 1
                 return
+            job.steady.append(w.samples_per_second)
+            del job.steady[:-max(s.baseline_windows, s.measure_windows, STEADY_WINDOWS)]
             if len(job.steady) >= s.baseline_windows:
                 self._maybe_start(key, job, obs, w)
             return
@@ -211,7 +219,7 @@ class Engine:
                 t.phase = "measure"
             return
         # measure
-        base = statistics.median(t.baseline)
+        base = statistics.median(t.steady or t.baseline)   # every window at the old setting
         t.measured.append(w.samples_per_second)
         if base > 0 and w.samples_per_second < base * (1 - s.regression_bound):
             t.below += 1
@@ -224,14 +232,18 @@ class Engine:
         if reason:
             self._rollback(key, job, reason, None)
             return
-        if len(t.measured) >= s.measure_windows:
+        if len(t.measured) >= s.measure_windows * (2 if t.extended else 1):
             gain = statistics.median(t.measured) / base - 1 if base > 0 else float("inf")
-            ok = gain >= s.min_gain if t.proposal.keep_if == "gain" else gain >= -s.min_gain
+            bar = max(s.min_gain, _noise(t.steady, t.measured))
+            ok = gain >= bar if t.proposal.keep_if == "gain" else gain >= -bar
+            if ok and t.proposal.keep_if == "gain" and gain < 3 * bar and not t.extended:
+                t.extended = True    # a marginal gain: measure as long again before believing it
+                return
             if ok:
                 self._finish(key, job, "kept", gain, f"{gain:+.1%} samples/s")
                 job.steady = list(t.measured)
             else:
-                self._rollback(key, job, f"{gain:+.1%} samples/s is below the {s.min_gain:.0%} bar", gain)
+                self._rollback(key, job, f"{gain:+.1%} samples/s is below the {bar:.0%} bar", gain)
 
     def _maybe_start(self, key: Any, job: JobState, obs: Observation, w: Window) -> None:
         remembered = self.memory.get(job.run, obs.signature) if self.memory is not None and obs.signature else None
@@ -247,7 +259,7 @@ class Engine:
             if p is None or p.value == obs.knobs.get(p.knob):
                 continue
             trial = Trial(tuner, p, obs.knobs.get(p.knob), list(job.steady[-self.settings.baseline_windows:]),
-                          next(self._ids), started=self._clock())
+                          next(self._ids), started=self._clock(), steady=list(job.steady))
             decision = {"id": trial.id, "knob": p.knob, "value": p.value, "reason": p.reason, "tuner": tuner.name}
             if not self._send(key, decision):
                 return
@@ -331,6 +343,19 @@ def from_config(config: Any, send: Callable[[Any, dict[str, Any]], bool], *, dae
 
     memory = BestSettings(t.state_file or default_path(daemon))
     return Engine(tuners_for, send, settings, memory=memory, clock=clock)
+
+
+def _noise(steady: list[float], measured: list[float]) -> float:
+    """The job's jitter at a fixed setting, relative: 1.5 x the median absolute deviation over the
+    median of each side's windows, the larger one. A gain smaller than that is not evidence on a
+    shared, noisy machine; the MAD ignores a lone window that caught a worker restart."""
+    out = 0.0
+    for x in (steady, measured):
+        if len(x) >= 3:
+            m = statistics.median(x)
+            if m > 0:
+                out = max(out, 1.5 * statistics.median(abs(v - m) for v in x) / m)
+    return out
 
 
 def _window(a: Observation, b: Observation) -> Window | None:

@@ -16,6 +16,10 @@ from typing import Any
 from tuners.engine import Context, Observation, Proposal
 
 
+START_WAIT_SHARE = 0.20   # from 0 workers, climb only when the loop waits at least this share
+RETRY_WAIT_SHARE = 0.30   # after stopping, explore again only while it still waits this much
+
+
 @dataclass
 class WorkersOptions:
     max_workers: int = 32
@@ -40,6 +44,9 @@ class WorkersTuner:
         self.per_worker_bytes: int | None = None
         self.stop_reason = ""
         self.proposed_from: int | None = None
+        self.failed = False
+        self.input_windows = 0      # input-bound windows seen since tuning stopped
+        self.retry_after = 60       # windows before exploring again (doubles, up to 960)
         self.skip_one = False
 
     # ---- memory ----
@@ -99,8 +106,25 @@ class WorkersTuner:
             self.proposed_from = cur
             return Proposal(self.knob, max(1, math.ceil(allowed)),
                             f"CPU saturated with {cur} workers on {allowed:g} cores", keep_if="no_loss")
-        if ctx.verdict != "input" or self.done:
+        if ctx.verdict != "input":
+            self.input_windows = 0
             return None
+        if self.done and self.failed:
+            return None          # the knob cannot change in this job: no point trying again
+        if self.done:
+            # one noisy trial must not end tuning for good: after a stretch of clearly input-bound
+            # windows (longer each time), explore upwards again from where the job is
+            if ctx.window.data_wait_share < RETRY_WAIT_SHARE:
+                self.input_windows = 0
+                return None
+            self.input_windows += 1
+            if self.input_windows < self.retry_after:
+                return None
+            self.retry_after = min(self.retry_after * 2, 960)
+            self.input_windows = 0
+            self.done, self.rejected_above, self.tried = False, None, set()
+        if cur == 0 and ctx.window.data_wait_share < START_WAIT_SHARE:
+            return None          # a worker's IPC costs more than so short a wait could give back
         if self.rejected_above is None:
             want = (2 if self.skip_one else 1) if cur == 0 else cur * 2
             why = f"input-bound ({ctx.window.data_wait_share:.0%} of step time waiting for data): climb"
@@ -136,4 +160,4 @@ class WorkersTuner:
         if isinstance(cur, int) and value > cur:
             self.rejected_above = value if self.rejected_above is None else min(self.rejected_above, value)
         if outcome == "failed":
-            self.done, self.stop_reason = True, "the change failed"
+            self.done, self.failed, self.stop_reason = True, True, "the change failed"
