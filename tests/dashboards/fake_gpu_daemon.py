@@ -1,4 +1,4 @@
-"""`looptune daemon` on two fake GPUs: the fake NVML of tests/fakes replays a recorded H200
+"""`looptune daemon` on two fake GPUs: the fake NVML of tests/fakes replays a hand-written H200
 trace in real time (energy and PCIe counters grow with the clock), so the GPU panels and
 rules of the dashboards have data on a machine without a GPU.
 

@@ -1,7 +1,7 @@
 """Every dashboard query and rule expression against live data: a real daemon, a real training
 loop with the hook, a real Prometheus scraping the daemon with the shipped rules loaded.
 
-The daemon runs on the fake NVML of tests/fakes replaying a recorded two-H200 trace, so the
+The daemon runs on the fake NVML of tests/fakes replaying a hand-written two-H200 trace, so the
 GPU panels have data on a machine without a GPU; the training job holds GPU 0. The job is
 input-bound (4 ms per sample, no DataLoader workers at first), so the daemon's `workers`
 tuner raises num_workers in trials; the checks start after DECISIONS trials, so the knob
@@ -62,7 +62,7 @@ NEEDS_CUDA: dict[tuple[str, str, str], str] = {
 # metrics the queries read that this scenario cannot produce, and why
 ABSENT_HERE = {
     "looptune_gpu_pcie_throughput_bytes_per_second": "NVML's sampled PCIe rate, exported only by drivers "
-                                                       "without PCIe byte counters (the recorded H200 has them)",
+                                                       "without PCIe byte counters (the H200 trace has them)",
 }
 # the alert this scenario must raise (pending: its for: is longer than the test): GPU 1 of the
 # trace is held down by heat. LooptuneJobInputBound may be pending in the seconds before the

@@ -1,4 +1,4 @@
-"""A fake ``pynvml`` module, driven by a recorded JSON trace, for tests without a GPU.
+"""A fake ``pynvml`` module, driven by a JSON trace (hand-written until a lent GPU records one), for tests without a GPU.
 
 Usage::
 
