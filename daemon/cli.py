@@ -160,12 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="HTML page with PNG plots of one training run, from Prometheus "
                        "(needs matplotlib: pip install 'looptune[report]')")
-    r.add_argument("--prometheus", required=True, metavar="URL",
-                   help="Prometheus base URL, e.g. http://prometheus:9090 (user:password@ for basic auth)")
-    r.add_argument("--run", required=True, help="the run label of the training run")
-    r.add_argument("--since", default="1h", metavar="DURATION",
-                   help="how far back to look, as a Prometheus duration: 30m, 1h, 2d (default 1h)")
-    r.add_argument("--out", metavar="DIR", help="output directory (default ./looptune-report-RUN)")
+    from daemon import report  # argparse only: matplotlib is imported when a report is drawn
+    report.add_arguments(r)
     r.set_defaults(func=cmd_report)
 
     i = sub.add_parser("install-service", help="install the systemd unit and /etc/looptune/config.yaml")
