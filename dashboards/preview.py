@@ -249,14 +249,16 @@ class Preview:
             ax.legend(handles[:8], labels[:8], fontsize=6.5, loc="upper left", frameon=False, labelcolor=TEXT,
                       ncols=min(4, len(handles[:8])), bbox_to_anchor=(0, 1.0))
 
+    def _instant_items(self, p: dict[str, Any]) -> list[tuple[str, float]]:
+        """(legend, value) of every instant result of the panel's targets."""
+        return [(legend(t.get("legendFormat", ""), labels), v)
+                for t in p["targets"] for labels, v in self._instant(t["expr"])]
+
     def _stat(self, ax: Any, p: dict[str, Any]) -> None:
         self._bare(ax)
         unit, decimals = self._unit(p)
         mode = p["options"].get("textMode", "auto")
-        items = []
-        for t in p["targets"]:
-            for labels, v in self._instant(t["expr"]):
-                items.append((legend(t.get("legendFormat", ""), labels), v))
+        items = self._instant_items(p)
         if not items:
             self._no_data(ax)
             return
@@ -277,10 +279,7 @@ class Preview:
 
     def _bargauge(self, ax: Any, p: dict[str, Any]) -> None:
         unit, decimals = self._unit(p)
-        items = []
-        for t in p["targets"]:
-            for labels, v in self._instant(t["expr"]):
-                items.append((legend(t.get("legendFormat", ""), labels), v))
+        items = self._instant_items(p)
         if not items:
             self._no_data(ax)
             return

@@ -183,9 +183,8 @@ class Engine:
         self._finish(key, job, "failed", None, detail or outcome)
 
     def forget(self, key: Any) -> None:
-        job = self.jobs.pop(key, None)
-        if job is not None and job.trial is not None and job.trial.phase in ("measure", "settle"):
-            pass   # the job ended mid-trial: nothing to roll back to
+        """The job left; a trial it was in has nothing left to roll back."""
+        self.jobs.pop(key, None)
 
     def verdicts(self) -> dict[Any, str]:
         return {k: j.verdict for k, j in self.jobs.items()}
