@@ -69,8 +69,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
 
-from tuners import bottleneck  # noqa: E402
-from tuners.hook import Hook  # noqa: E402
+from looptune.tuners import bottleneck  # noqa: E402
+from looptune.tuners.hook import Hook  # noqa: E402
 
 GOAL = 0.90
 NCPU = psutil.cpu_count() or 1

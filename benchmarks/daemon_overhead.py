@@ -2,7 +2,7 @@
 """Cost of the looptune daemon itself: CPU share, RSS and /metrics scrape latency.
 
 For each number of watched processes N (default 0, 8, 32) this starts N idle dummy
-"training job" processes, a daemon (`python -m daemon daemon`, cwd = repo root) whose
+"training job" processes, a daemon (`python -m looptune daemon`, cwd = repo root) whose
 temporary config samples every `--interval` seconds and matches exactly those dummies,
 waits until /metrics shows them all, then measures over `--seconds`:
 
@@ -199,7 +199,7 @@ def start_daemon(repo: Path, workdir: Path, interval: float, pattern: str, n: in
     log = workdir / f"daemon-{n}.log"
     env = {k: v for k, v in os.environ.items() if k != "LOOPTUNE_CONFIG"}
     with open(log, "wb") as f:
-        p = _spawn([sys.executable, "-m", "daemon", "daemon", "--config", str(cfg),
+        p = _spawn([sys.executable, "-m", "looptune", "daemon", "--config", str(cfg),
                     "--listen", f"127.0.0.1:{port}", "--socket", str(workdir / f"looptune-{n}.sock")],
                    cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT)
     return p, port, log
@@ -403,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers-per-job", type=int, default=1,
                    help="processes per dummy job: 1 launcher + W-1 children (default 1: every process a job)")
     p.add_argument("--repo", type=Path, default=REPO,
-                   help="source tree the daemon runs from (cwd of `python -m daemon`; default: this repo)")
+                   help="source tree the daemon runs from (cwd of `python -m looptune`; default: this repo)")
     p.add_argument("--ready-timeout", type=float, default=30.0,
                    help="seconds to wait for /metrics and the dummies (default 30)")
     args = p.parse_args(argv)

@@ -69,7 +69,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from tuners.hook import Hook  # noqa: E402
+from looptune.tuners.hook import Hook  # noqa: E402
 
 TARGET_STEP_NS = 1000.0
 BUSY_SHARE = 0.9        # runs that got less of a core than this were preempted: wall figures inflated

@@ -70,7 +70,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from tuners.hook import Hook  # noqa: E402
+from looptune.tuners.hook import Hook  # noqa: E402
 
 BATCH = 16
 DIM = 256

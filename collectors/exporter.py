@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from collectors.base import Sampler
+from looptune.collectors.base import Sampler
 
 log = logging.getLogger("looptune.exporter")
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from collectors.nvml import NVML, NVMLUnavailable, error_name
+from looptune.collectors.nvml import NVML, NVMLUnavailable, error_name
 
 log = logging.getLogger("looptune.gpu")
 

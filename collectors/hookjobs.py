@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from tuners.protocol import STEP_BUCKETS
+from looptune.tuners.protocol import STEP_BUCKETS
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import importlib
 import logging
 from typing import Any, Callable
 
-from collectors.base import CollectorUnavailable
+from looptune.collectors.base import CollectorUnavailable
 
 log = logging.getLogger("looptune.nvml")
 

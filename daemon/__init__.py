@@ -1,4 +1,6 @@
 """looptune node daemon: config, socket server, main loop, CLI."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from looptune import __version__
+
+__all__ = ["__version__"]

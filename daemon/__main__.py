@@ -1,8 +1,8 @@
-"""`python -m daemon` runs the looptune CLI (the unit file's fallback when no script is on PATH)."""
+"""`python -m looptune.daemon` runs the looptune CLI, as `python -m looptune` does."""
 from __future__ import annotations
 
 import sys
 
-from daemon.cli import main
+from looptune.daemon.cli import main
 
 sys.exit(main())

@@ -8,8 +8,8 @@ import signal
 import sys
 from typing import Sequence
 
-from daemon import __version__
-from daemon import config as cfg
+from looptune.daemon import __version__
+from looptune.daemon import config as cfg
 
 log = logging.getLogger("looptune")
 
@@ -27,8 +27,8 @@ def _setup_logging(level: str = "info") -> None:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from daemon.server import SocketInUse
-    from daemon.service import Daemon
+    from looptune.daemon.server import SocketInUse
+    from looptune.daemon.service import Daemon
 
     _setup_logging()
     try:
@@ -85,13 +85,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
-    from daemon.install import install_service
+    from looptune.daemon.install import install_service
 
     return install_service(root=args.root, bin_path=args.bin)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon import status
+    from looptune.daemon import status
 
     if args.socket:
         paths = [args.socket]
@@ -110,7 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        from daemon import demo
+        from looptune.daemon import demo
         return demo.run(seconds=args.seconds, listen=args.listen)
     except ImportError as exc:
         print(f"looptune demo needs torch ({exc}); install it with: pip install torch==2.13.0 && "
@@ -119,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from daemon import report
+    from looptune.daemon import report
 
     return report.cli(args)
 
@@ -154,13 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="a minute of an input-bound training loop that looptune speeds up "
                         "(needs the torch extra)")
-    from daemon import demo    # argparse only: torch is imported when the demo runs
+    from looptune.daemon import demo    # argparse only: torch is imported when the demo runs
     demo.add_arguments(dm)
     dm.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="HTML page with PNG plots of one training run, from Prometheus "
                        "(needs matplotlib: pip install 'looptune[report]')")
-    from daemon import report  # argparse only: matplotlib is imported when a report is drawn
+    from looptune.daemon import report  # argparse only: matplotlib is imported when a report is drawn
     report.add_arguments(r)
     r.set_defaults(func=cmd_report)
 

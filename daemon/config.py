@@ -144,7 +144,7 @@ class HookConfig:
 
 
 def _check_tuner(name: str) -> str | None:
-    from tuners.registry import available
+    from looptune.tuners.registry import available
     known = available()
     return None if name in known else f"is not a known tuner; known: {', '.join(sorted(known))}"
 

@@ -126,8 +126,8 @@ class _DemoDaemon:
     """daemon.service.Daemon on loopback and a temporary socket, its main loop in a thread."""
 
     def __init__(self, workdir: str, listen: str) -> None:
-        from daemon import config as cfg
-        from daemon.service import Daemon
+        from looptune.daemon import config as cfg
+        from looptune.daemon.service import Daemon
         config = cfg.Config()
         config.daemon.log_level = "warning"          # the live line owns the terminal
         config.tuners.state_file = os.path.join(workdir, "best.json")   # a fresh start: nothing remembered
@@ -222,7 +222,7 @@ def run(seconds: float = 60.0, listen: str = "127.0.0.1:0", out: Any = None) -> 
     import logging
     import warnings
 
-    from tuners.hook import Hook
+    from looptune.tuners.hook import Hook
     logging.getLogger("looptune").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*worker processes in total.*")
 

@@ -13,8 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from collectors.hookjobs import HookView
-from tuners.protocol import ProtocolError
+from looptune.collectors.hookjobs import HookView
+from looptune.tuners.protocol import ProtocolError
 
 
 @dataclass

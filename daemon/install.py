@@ -30,13 +30,13 @@ class InstallError(Exception):
 
 
 def read_unit_template() -> str:
-    return (importlib.resources.files("daemon") / "systemd" / "looptune.service").read_text(
+    return (importlib.resources.files("looptune.daemon") / "systemd" / "looptune.service").read_text(
         encoding="utf-8"
     )
 
 
 def _packaged_config() -> bytes:
-    from daemon.config import render_default
+    from looptune.daemon.config import render_default
     return render_default().encode("utf-8")
 
 
@@ -49,11 +49,11 @@ def _quote_exec_word(word: str) -> str:
 
 
 def resolve_exec(bin_path: str | os.PathLike[str] | None = None) -> str:
-    """The ExecStart= prefix that runs looptune: script path, else `python -m daemon`."""
+    """The ExecStart= prefix that runs looptune: script path, else `python -m looptune`."""
     script = os.fspath(bin_path) if bin_path is not None else shutil.which("looptune")
     if script:
         return _quote_exec_word(os.path.abspath(script))
-    return f"{_quote_exec_word(sys.executable)} -m daemon"
+    return f"{_quote_exec_word(sys.executable)} -m looptune"
 
 
 def render_unit(exec_prefix: str) -> str:

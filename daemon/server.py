@@ -26,9 +26,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from daemon.hooks import HookJob, HookRegistry
-from tuners import protocol
-from tuners.protocol import ProtocolError
+from looptune.daemon.hooks import HookJob, HookRegistry
+from looptune.tuners import protocol
+from looptune.tuners.protocol import ProtocolError
 
 log = logging.getLogger("looptune.server")
 

@@ -14,20 +14,20 @@ from typing import Any, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from collectors.base import Collector, Sampler
-from collectors.exporter import DaemonExporter, ReloadState
-from collectors.gpu import GpuCollector
-from collectors.host import HostCollector
-from collectors.jobs import JobsCollector
-from daemon import __version__
-from daemon import config as cfg
-from daemon import http as metrics_http
-from daemon.sdnotify import Notifier
-from collectors.hookjobs import HookJobsCollector, TunerCollector
-from daemon.hooks import HookRegistry
-from daemon.server import HookServer
-from tuners import engine as tuning
-from tuners import observe
+from looptune.collectors.base import Collector, Sampler
+from looptune.collectors.exporter import DaemonExporter, ReloadState
+from looptune.collectors.gpu import GpuCollector
+from looptune.collectors.host import HostCollector
+from looptune.collectors.jobs import JobsCollector
+from looptune.daemon import __version__
+from looptune.daemon import config as cfg
+from looptune.daemon import http as metrics_http
+from looptune.daemon.sdnotify import Notifier
+from looptune.collectors.hookjobs import HookJobsCollector, TunerCollector
+from looptune.daemon.hooks import HookRegistry
+from looptune.daemon.server import HookServer
+from looptune.tuners import engine as tuning
+from looptune.tuners import observe
 
 log = logging.getLogger("looptune.daemon")
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port, require_binary
-from daemon import __version__
+from looptune.daemon import __version__
 from daemon_proc import DaemonPool, DaemonProc, http_get
 
 pytestmark = pytest.mark.e2e

@@ -21,7 +21,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from tuners.bottleneck import Window, verdict
+from looptune.tuners.bottleneck import Window, verdict
 
 log = logging.getLogger("looptune.engine")
 
@@ -327,8 +327,8 @@ class Engine:
 def from_config(config: Any, send: Callable[[Any, dict[str, Any]], bool], *, daemon: bool,
                 clock: Callable[[], float] = time.monotonic) -> Engine:
     """An engine with the config's tuners and trial settings (config: daemon.config.Config)."""
-    from tuners.memory import BestSettings, default_path
-    from tuners.registry import make_tuners
+    from looptune.tuners.memory import BestSettings, default_path
+    from looptune.tuners.registry import make_tuners
     t = config.tuners
     settings = Settings(window_seconds=t.window_seconds, baseline_windows=t.baseline_windows,
                         measure_windows=t.measure_windows, settle_windows=t.settle_windows, min_gain=t.min_gain,

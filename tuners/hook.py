@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from tuners import protocol
+from looptune.tuners import protocol
 
 log = logging.getLogger("looptune.hook")
 
@@ -116,7 +116,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _default_run() -> str:
-    from collectors.jobs import _clean, derive_run
+    from looptune.collectors.jobs import _clean, derive_run
     rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if rid and rid != "none":
         return _clean(rid)
@@ -129,7 +129,7 @@ def _default_run() -> str:
 
 
 def _load_config(config: Any) -> Any:
-    from daemon import config as cfg
+    from looptune.daemon import config as cfg
     if config is None:
         try:
             return cfg.load_resolved(None)[0]
@@ -216,7 +216,7 @@ class Hook:
             self.tuners = list(tune) if isinstance(tune, (list, tuple)) else []
             self.rank, self.world_size = _rank_world()
             if isinstance(tune, (list, tuple)):
-                from tuners.registry import available
+                from looptune.tuners.registry import available
                 unknown = [n for n in tune if n not in available()]
                 if unknown:
                     raise ValueError(f"unknown tuner(s) {', '.join(map(repr, unknown))}; known: "
@@ -252,7 +252,7 @@ class Hook:
         if self._off:
             return loader
         try:
-            from tuners.loader import WatchedLoader, loader_knobs
+            from looptune.tuners.loader import WatchedLoader, loader_knobs
             w = WatchedLoader(self, loader)
             if self._watched is None:
                 self._watched = w
@@ -427,9 +427,9 @@ class Hook:
         Runs in the reporter thread; decisions reach the training thread through the queue."""
         import psutil
 
-        from collectors.jobs import JobsCollector
-        from tuners.engine import from_config
-        from tuners.observe import build
+        from looptune.collectors.jobs import JobsCollector
+        from looptune.tuners.engine import from_config
+        from looptune.tuners.observe import build
         if self._engine is None:
             self._engine = from_config(self.config, lambda _key, d: (self._queue_decision(d), True)[1],
                                        daemon=False)
@@ -468,7 +468,7 @@ class Hook:
                 "tuners": self.tuners, "tune": bool(self.tune)}
 
     def view(self) -> Any:
-        from collectors.hookjobs import HookView
+        from looptune.collectors.hookjobs import HookView
         rep = self.report()
         return HookView(run=self.run, rank=str(self.rank), world_size=self.world_size, pid=os.getpid(),
                         counters=rep["counters"], step_hist=rep["step_hist"], knobs=rep["knobs"],
@@ -484,7 +484,7 @@ class Hook:
             return [os.environ["LOOPTUNE_SOCKET"]]
         if self.config.daemon.socket:
             return [self.config.daemon.socket]
-        from daemon.config import default_socket_paths
+        from looptune.daemon.config import default_socket_paths
         paths = [os.path.join("/run/looptune", "looptune.sock")]
         paths += [p for p in default_socket_paths({k: v for k, v in os.environ.items()
                                                    if k != "RUNTIME_DIRECTORY"}) if p not in paths]
@@ -496,8 +496,8 @@ class Hook:
             return
         from prometheus_client import CollectorRegistry, start_http_server
 
-        from collectors.hookjobs import hook_families, tuner_families
-        from daemon.config import split_listen
+        from looptune.collectors.hookjobs import hook_families, tuner_families
+        from looptune.daemon.config import split_listen
         hook = weakref.ref(self)
 
         class _Own:

@@ -159,7 +159,7 @@ class WatchedLoader:
     # ---- iteration ----
 
     def __iter__(self) -> Iterator[Any]:
-        from tuners.hook import _WatchedIter, _perf
+        from looptune.tuners.hook import _WatchedIter, _perf
         self.epoch += 1
         self.delivered = 0
         self._oneoff = None

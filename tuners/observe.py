@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tuners.engine import Observation
+from looptune.tuners.engine import Observation
 
 
 def cores_allowed(pid: int) -> float | None:

@@ -8,7 +8,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-BUILTIN = {"workers": "tuners.workers:WorkersTuner"}
+BUILTIN = {"workers": "looptune.tuners.workers:WorkersTuner"}
 GROUP = "looptune.tuners"
 
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tuners.engine import Context, Observation, Proposal
+from looptune.tuners.engine import Context, Observation, Proposal
 
 
 START_WAIT_SHARE = 0.20   # from 0 workers, climb only when the loop waits at least this share

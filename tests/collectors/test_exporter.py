@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from collectors.base import Sampler
-from collectors.exporter import DaemonExporter, ReloadState
+from looptune.collectors.base import Sampler
+from looptune.collectors.exporter import DaemonExporter, ReloadState
 
 WAIT = 10.0
 

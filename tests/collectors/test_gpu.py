@@ -17,12 +17,12 @@ from typing import Any, Callable, Iterator
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from collectors.base import CollectorUnavailable, Sampler
-from collectors.exporter import DaemonExporter, ReloadState
-from collectors.gpu import CLOCK_EVENT_REASONS, GpuCollector, GpuProcess
-from collectors.host import HostCollector
-from collectors.jobs import ENV_KEYS, JobsCollector
-from collectors.nvml import NVMLUnavailable
+from looptune.collectors.base import CollectorUnavailable, Sampler
+from looptune.collectors.exporter import DaemonExporter, ReloadState
+from looptune.collectors.gpu import CLOCK_EVENT_REASONS, GpuCollector, GpuProcess
+from looptune.collectors.host import HostCollector
+from looptune.collectors.jobs import ENV_KEYS, JobsCollector
+from looptune.collectors.nvml import NVMLUnavailable
 from tests.fakes.fake_pynvml import REAL, TRACE_DIR, FakeNVML, install
 
 H200 = TRACE_DIR / "h200_x2.json"

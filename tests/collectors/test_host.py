@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collectors.host import HostCollector, HostSnapshot
+from looptune.collectors.host import HostCollector, HostSnapshot
 from conftest import require_binary
 
 # the columns of /proc/stat's cpu lines, in clock ticks (proc(5))

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from collectors.jobs import ENV_KEYS, JobSample, JobsCollector, JobsSnapshot, derive_run
+from looptune.collectors.jobs import ENV_KEYS, JobSample, JobsCollector, JobsSnapshot, derive_run
 
 FAKE = str(Path(__file__).resolve().parent / "fake_train.py")
 RUN = "fake_train"     # derive_run of fake_train.py's command line

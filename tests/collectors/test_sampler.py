@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from collectors.base import CollectorUnavailable, Sampler
+from looptune.collectors.base import CollectorUnavailable, Sampler
 
 WAIT = 10.0   # the bound on every wait; reached only when the code under test is wrong
 

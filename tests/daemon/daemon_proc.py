@@ -104,7 +104,7 @@ class DaemonProc:
         return self.proc.pid
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "daemon", "daemon", "--config", str(self.config),
+        return [sys.executable, "-m", "looptune", "daemon", "--config", str(self.config),
                 "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.socket_path), *self.args]
 
     def start(self) -> DaemonProc:

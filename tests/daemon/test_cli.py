@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import __version__
+from looptune.daemon import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def looptune(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("LOOPTUNE_CONFIG", "NOTIFY_SOCKET")}
     base.update(env or {})
-    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, env=base, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "looptune", *args], cwd=ROOT, env=base, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 

@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from daemon import config as cfg
-from daemon.config import Config, ConfigError
+from looptune.daemon import config as cfg
+from looptune.daemon.config import Config, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_YAML = ROOT / "config.yaml"

@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 
-from daemon.hooks import HookRegistry
-from tuners import protocol
-from tuners.protocol import ProtocolError, STEP_BUCKETS
+from looptune.daemon.hooks import HookRegistry
+from looptune.tuners import protocol
+from looptune.tuners.protocol import ProtocolError, STEP_BUCKETS
 
 
 class Clock:

@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from conftest import free_port
-from daemon import config as cfg
-from daemon import http as metrics_http
+from looptune.daemon import config as cfg
+from looptune.daemon import http as metrics_http
 
 
 class Counting:

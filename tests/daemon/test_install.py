@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import install
-from daemon.install import install_service, read_unit_template, render_unit
+from looptune.daemon import install
+from looptune.daemon.install import install_service, read_unit_template, render_unit
 
 UNIT = Path("etc/systemd/system/looptune.service")
 CONFIG = Path("etc/looptune/config.yaml")
@@ -109,7 +109,7 @@ def test_bin_found_on_path(
 def test_falls_back_to_python_module(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(install.shutil, "which", lambda name: None)
     monkeypatch.setattr(install.sys, "executable", "/usr/bin/python3")
-    assert install.resolve_exec() == "/usr/bin/python3 -m daemon"
+    assert install.resolve_exec() == "/usr/bin/python3 -m looptune"
 
 
 def test_exec_path_is_quoted_for_systemd() -> None:
@@ -145,7 +145,7 @@ def test_no_config_source_skips_config(tmp_path: Path, fake_bin: Path) -> None:
 
 
 def test_default_config_is_the_documented_defaults(tmp_path: Path, fake_bin: Path) -> None:
-    from daemon import config
+    from looptune.daemon import config
 
     rc, _, _ = run_install(tmp_path, bin_path=fake_bin)
     assert rc == 0

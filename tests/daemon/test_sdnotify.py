@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sdnotify import Notifier
+from looptune.daemon.sdnotify import Notifier
 
 SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux
 

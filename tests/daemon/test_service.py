@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from conftest import require_binary
-from daemon import __version__
+from looptune.daemon import __version__
 from daemon_proc import ROOT, DaemonPool, DaemonProc, Metrics, free_port, http_get, write_config
 
 GPU_LINE = re.compile(r"\bGPU\b|looptune\.gpu|collector gpu")
@@ -158,13 +158,13 @@ def test_gpu_collector_down_without_driver(shared: DaemonProc) -> None:
 NO_TORCH_SCRIPT = textwrap.dedent("""
     import importlib, pkgutil, sys, time, urllib.request
     sys.path.insert(0, sys.argv[1])
-    import collectors, daemon
+    from looptune import collectors, daemon
     for pkg in (daemon, collectors):
         for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
             if not info.name.endswith("__main__"):
                 importlib.import_module(info.name)
-    from daemon import config as cfg
-    from daemon.service import Daemon
+    from looptune.daemon import config as cfg
+    from looptune.daemon.service import Daemon
     d = Daemon(cfg.Config(), listen="127.0.0.1:" + sys.argv[2], socket_path=sys.argv[3], environ={})
     d.start()
     try:
@@ -176,7 +176,7 @@ NO_TORCH_SCRIPT = textwrap.dedent("""
         d.shutdown()
     bad = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
     print("TORCH MODULES:", bad[:10])
-    print("IMPORTED:", sorted(m for m in sys.modules if m.startswith(("daemon", "collectors", "tuners"))))
+    print("IMPORTED:", sorted(m for m in sys.modules if m.startswith("looptune.")))
     sys.exit(1 if bad else 0)
 """)
 

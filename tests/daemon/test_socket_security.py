@@ -32,12 +32,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collectors.hookjobs import REJECT_REASONS
-from daemon import config as cfg
-from daemon.service import Daemon
+from looptune.collectors.hookjobs import REJECT_REASONS
+from looptune.daemon import config as cfg
+from looptune.daemon.service import Daemon
 from daemon_proc import DaemonPool, DaemonProc, Metrics, free_port
-from tuners import protocol
-from tuners.protocol import MAX_MESSAGE_BYTES, STEP_BUCKETS
+from looptune.tuners import protocol
+from looptune.tuners.protocol import MAX_MESSAGE_BYTES, STEP_BUCKETS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a second user (uid 65534)")
 

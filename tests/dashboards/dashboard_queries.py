@@ -149,7 +149,7 @@ def exported_names() -> set[str]:
                 arg = node.args[0]
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                     names.update(arg.value + s for s in kinds[node.func.id])
-    from collectors import gpu
+    from looptune.collectors import gpu
     for key, (kind, _) in gpu._VALUE_METRICS.items():
         names.add(f"looptune_gpu_{key}" + ("_total" if kind == "counter" else ""))
     from prometheus_client import ProcessCollector

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     sys.modules["pynvml"] = fake
     stop = threading.Event()
     threading.Thread(target=feed, args=(fake, pidfile, stop), name="fake-gpu-feed", daemon=True).start()
-    from daemon.cli import main as looptune
+    from looptune.daemon.cli import main as looptune
     try:
         return looptune(rest)
     finally:

@@ -53,7 +53,7 @@ def main() -> int:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from tuners.hook import Hook
+    from looptune.tuners.hook import Hook
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

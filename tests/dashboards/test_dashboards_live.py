@@ -144,7 +144,7 @@ class FakeGpuDaemon(DaemonProc):
 
     def command(self) -> list[str]:
         cmd = super().command()
-        assert cmd[1:3] == ["-m", "daemon"], cmd
+        assert cmd[1:3] == ["-m", "looptune"], cmd
         return [sys.executable, str(HERE / "fake_gpu_daemon.py"), str(self.trace), str(self.pidfile), *cmd[3:]]
 
 
@@ -341,7 +341,7 @@ def test_report_of_the_live_run(live: Live) -> None:
         if os.environ.get("LOOPTUNE_REQUIRE_SERVERS") == "1":
             pytest.fail("matplotlib is not installed (pip install '.[report]')")
         pytest.skip("matplotlib is not installed (pip install '.[report]')")
-    from daemon import report
+    from looptune.daemon import report
 
     out = live.workdir / "report"
     index = report.run(live.prom.url, RUN, since="5m", out_dir=out)
@@ -378,7 +378,7 @@ def test_dashboard_pictures(live: Live) -> None:
     assert spec is not None and spec.loader is not None
     preview = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(preview)
-    from daemon.report import Prometheus as ReportPrometheus
+    from looptune.daemon.report import Prometheus as ReportPrometheus
 
     out = live.workdir / "pictures"
     out.mkdir()

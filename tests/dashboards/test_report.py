@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from daemon import report
-from daemon.report import KnobChange, ReportError, Series
+from looptune.daemon import report
+from looptune.daemon.report import KnobChange, ReportError, Series
 from dashboard_queries import load_dashboards
 
 T0 = 1_800_000_000.0

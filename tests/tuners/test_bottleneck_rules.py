@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuners import bottleneck as b
-from tuners.bottleneck import KINDS, Window, verdict
+from looptune.tuners import bottleneck as b
+from looptune.tuners.bottleneck import KINDS, Window, verdict
 
 
 def win(**kw: Any) -> Window:

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from collectors.hookjobs import BOTTLENECK_KINDS, tuner_families
-from tuners.bottleneck import KINDS
-from tuners.engine import Context, Engine, Observation, Proposal, Settings
+from looptune.collectors.hookjobs import BOTTLENECK_KINDS, tuner_families
+from looptune.tuners.bottleneck import KINDS
+from looptune.tuners.engine import Context, Engine, Observation, Proposal, Settings
 
 KEY = ("host", 4242)
 RUN = "exp-1"

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from daemon_proc import ROOT, DaemonPool, DaemonProc, Metrics, free_port
-from tuners.hook import Hook
+from looptune.tuners.hook import Hook
 
 SCRIPT = Path(__file__).resolve().parent / "train_hooked.py"
 
@@ -196,7 +196,7 @@ def test_job_counts_and_process_tree_carry_the_hook_labels(daemon: DaemonProc,
                       "our process under no other name", timeout=5)
 
     # `looptune status` shows it too
-    out = subprocess.run([sys.executable, "-m", "daemon", "status", "--socket", str(daemon.socket_path)],
+    out = subprocess.run([sys.executable, "-m", "looptune", "status", "--socket", str(daemon.socket_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("exp-1")]

@@ -20,12 +20,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import tuners.hook as hook_mod
+import looptune.tuners.hook as hook_mod
 from conftest import free_port
-from daemon.config import ConfigError
+from looptune.daemon.config import ConfigError
 from daemon_proc import Metrics, http_get
-from tuners import protocol
-from tuners.hook import Actuator, Decision, Hook
+from looptune.tuners import protocol
+from looptune.tuners.hook import Actuator, Decision, Hook
 
 
 @pytest.fixture

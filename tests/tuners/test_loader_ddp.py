@@ -69,7 +69,7 @@ def rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
     try:
         import torch.distributed as dist
 
-        from tuners.hook import Hook
+        from looptune.tuners.hook import Hook
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=60))
         untuned_loader = make_loader(rank)

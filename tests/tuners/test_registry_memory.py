@@ -16,16 +16,16 @@ from typing import Any
 
 import pytest
 
-from tuners import registry
-from tuners.memory import BestSettings, default_path
-from tuners.registry import GROUP, TunerLoadError, available, load_factory, make_tuners
-from tuners.workers import WorkersOptions, WorkersTuner
+from looptune.tuners import registry
+from looptune.tuners.memory import BestSettings, default_path
+from looptune.tuners.registry import GROUP, TunerLoadError, available, load_factory, make_tuners
+from looptune.tuners.workers import WorkersOptions, WorkersTuner
 
 
 # ---- registry ----
 
 def test_the_builtin_workers_tuner_loads() -> None:
-    assert available()["workers"] == "tuners.workers:WorkersTuner"
+    assert available()["workers"] == "looptune.tuners.workers:WorkersTuner"
     assert load_factory("workers") is WorkersTuner
     (t,) = make_tuners(["workers"], {"workers": WorkersOptions(max_workers=5)})
     assert isinstance(t, WorkersTuner) and t.max_workers == 5 and t.name == "workers" and t.knob == "num_workers"
@@ -118,22 +118,22 @@ def test_entry_point_plugins_are_listed_and_load(plugin_dir: Any) -> None:
     found = available()
     assert found["echo"] == f"{good}:Echo"
     assert found["broken-ep"] == f"{bad}:Tuner"
-    assert found["workers"] == "tuners.workers:WorkersTuner"     # a plugin cannot shadow a built-in
+    assert found["workers"] == "looptune.tuners.workers:WorkersTuner"     # a plugin cannot shadow a built-in
     (t,) = make_tuners(["echo"], {"echo": {"x": 1}})
     assert type(t).__name__ == "Echo" and t.options == {"x": 1}
     with pytest.raises(TunerLoadError) as info:
         make_tuners(["echo", "broken-ep"], {})
     assert info.value.name == "broken-ep" and "no_such_dependency_abc" in str(info.value)
     # and the engine's config check sees it too
-    from daemon.config import ConfigError, parse
+    from looptune.daemon.config import ConfigError, parse
     assert parse({"tuners": {"enabled": ["workers", "echo"]}}).tuners.enabled == ["workers", "echo"]
     with pytest.raises(ConfigError, match="not a known tuner"):
         parse({"tuners": {"enabled": ["nope"]}})
 
 
 def test_from_config_fails_at_once_naming_a_plugin_that_does_not_load(plugin_dir: Any, tmp_path: Path) -> None:
-    from daemon.config import parse
-    from tuners.engine import from_config
+    from looptune.daemon.config import parse
+    from looptune.tuners.engine import from_config
     bad = plugin_dir.add("raise ImportError('missing native library')\n")
     plugin_dir.dist({"native": f"{bad}:Tuner"})
     config = parse({"tuners": {"enabled": ["workers", "native"], "state_file": str(tmp_path / "best.json")}})
@@ -185,7 +185,7 @@ def test_put_is_atomic_and_leaves_no_temp_file(tmp_path: Path, monkeypatch: pyte
         renames.append((src, str(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr("tuners.memory.os.replace", replace)
+    monkeypatch.setattr("looptune.tuners.memory.os.replace", replace)
     mem.put("exp-1", "sig", "num_workers", 8)
     assert len(renames) == 1
     assert json.loads(path.read_text()) == {"exp-1|sig": {"num_workers": 8}}
@@ -201,7 +201,7 @@ def test_a_failed_write_is_logged_and_leaves_no_temp_file(tmp_path: Path, monkey
     def fail(src: str, dst: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("tuners.memory.os.replace", fail)
+    monkeypatch.setattr("looptune.tuners.memory.os.replace", fail)
     with caplog.at_level(logging.WARNING, logger="looptune.memory"):
         mem.put("exp-1", "sig", "num_workers", 8)        # never raises
     assert "cannot save best settings" in caplog.text and "No space left" in caplog.text

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_engine import KEY, RUN, FakeJob, make
-from tuners.bottleneck import Window
-from tuners.engine import Context, Engine, Observation, Settings
-from tuners.memory import BestSettings
-from tuners.workers import WorkersOptions, WorkersTuner
+from looptune.tuners.bottleneck import Window
+from looptune.tuners.engine import Context, Engine, Observation, Settings
+from looptune.tuners.memory import BestSettings
+from looptune.tuners.workers import WorkersOptions, WorkersTuner
 
 MiB = 2**20
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from tuners.hook import Hook  # noqa: E402
+from looptune.tuners.hook import Hook  # noqa: E402
 
 
 class Slow(Dataset):
