@@ -240,7 +240,7 @@ class WorkerMemory:
 
 def stop_workers(loader: Any) -> None:
     """Shut down the worker processes of a loader's running iterator (plain or watched)."""
-    it = getattr(loader, "it", None)          # tuners.loader.WatchedLoader keeps its running iterator
+    it = getattr(loader, "it", None)          # tuners.hook.actuators.loader.WatchedLoader keeps its running iterator
     if it is not None:
         loader.it = None
         shutdown = getattr(it, "_shutdown_workers", None)

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from looptune.tuners.protocol import STEP_BUCKETS
+from looptune import schema
+from looptune.protocol import STEP_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,9 @@ _PEAK_KIND = {"max_rss_bytes": "max_rss", "cuda_max_allocated_bytes": "cuda_allo
 
 def hook_families(jobs: Iterable[HookView], with_info: bool = False) -> Iterable[Metric]:
     lab = ["run", "rank"]
-    samples = CounterMetricFamily("looptune_job_samples", "Training samples processed (counted at "
-                                  "hook.step() for the batches it consumed).", labels=lab)
-    batches = CounterMetricFamily("looptune_job_batches", "Batches delivered by the watched loaders.",
-                                  labels=lab)
-    steps = CounterMetricFamily("looptune_job_optimizer_steps", "hook.step() calls (optimizer steps).",
-                                labels=lab)
-    wait = CounterMetricFamily("looptune_job_data_wait_seconds", "Seconds the training loop waited for "
-                               "the next batch.", labels=lab)
+    # one series per figure the schema exports; an optional figure only for jobs that report it
+    figures = {f.name: (CounterMetricFamily if f.kind == schema.COUNTER else GaugeMetricFamily)(
+        f.metric, f.help, labels=lab) for f in schema.FIGURES if f.metric}
     hist = HistogramMetricFamily("looptune_job_step_seconds", "Wall time between consecutive optimizer "
                                  "steps (data wait included), seconds.", labels=lab)
     knob = GaugeMetricFamily("looptune_job_knob", "Current value of a tunable knob (numeric knobs; "
@@ -72,10 +68,9 @@ def hook_families(jobs: Iterable[HookView], with_info: bool = False) -> Iterable
     for j in jobs:
         lv = [j.run, j.rank]
         c = j.counters
-        samples.add_metric(lv, c["samples"])
-        batches.add_metric(lv, c["batches"])
-        steps.add_metric(lv, c["steps"])
-        wait.add_metric(lv, c["data_wait_seconds"])
+        for name, fam in figures.items():
+            if c.get(name) is not None:
+                fam.add_metric(lv, c[name])
         cumulative, acc = [], 0
         for b, n in zip(bounds, j.step_hist):
             acc += n
@@ -95,7 +90,8 @@ def hook_families(jobs: Iterable[HookView], with_info: bool = False) -> Iterable
         connected.add_metric(lv, 1.0 if j.connected else 0.0)
         last.add_metric(lv, j.last_report_time)
         info.add_metric(lv + [str(j.world_size), str(j.pid)], 1.0)
-    yield from (samples, batches, steps, wait, hist, knob, knob_info, peak, errors, disabled, connected, last)
+    yield from figures.values()
+    yield from (hist, knob, knob_info, peak, errors, disabled, connected, last)
     if with_info:
         yield info
 

@@ -19,6 +19,10 @@ from typing import Any, Callable
 
 import yaml
 
+from looptune.options import opt, section
+
+__all__ = ["Config", "ConfigError", "opt", "section", "parse", "load", "load_resolved"]
+
 DEFAULT_PORT = 19400
 SYSTEM_CONFIG = "/etc/looptune/config.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -31,20 +35,6 @@ class ConfigError(ValueError):
         self.problems = problems
         self.source = source
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
-
-
-def opt(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
-        choices: tuple[str, ...] | None = None,
-        check: Callable[[Any], str | None] | None = None) -> Any:
-    """A config field: its default, the comment written to config.yaml, and its bounds."""
-    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "check": check}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def section(cls: type, doc: str) -> Any:
-    return field(default_factory=cls, metadata={"doc": doc})
 
 
 def _check_listen(value: str) -> str | None:
@@ -150,30 +140,28 @@ def _check_tuner(name: str) -> str | None:
 
 
 @dataclass
-class WorkersTunerConfig:
-    max_workers: int = opt(32, "Most DataLoader workers the tuner will set.", lo=0, hi=1024)
-    memory_budget_bytes: int = opt(0, "Memory all loader workers of a job may use together (their USS), "
-                                      "bytes. 0: memory_budget_share of the host's available memory.", lo=0)
-    memory_budget_share: float = opt(0.25, "Share of the host's available memory for a job's workers when "
-                                           "memory_budget_bytes is 0.", lo=0.01, hi=0.9)
-
-
-@dataclass
 class TunersConfig:
     enabled: list[str] = opt(["workers"], "Tuner plugins to run (built-in: workers; more through the "
                                           "entry-point group looptune.tuners).", check=_check_tuner)
     window_seconds: float = opt(1.0, "Length of one measurement window.", lo=0.2, hi=60)
     baseline_windows: int = opt(3, "Windows at the current setting a trial compares against.", lo=1, hi=60)
     measure_windows: int = opt(3, "Windows measured at the new setting before keep or roll back.", lo=1, hi=60)
-    settle_windows: int = opt(1, "Windows skipped after a change (workers starting).", lo=0, hi=60)
+    settle_windows: int = opt(1, "Windows skipped after a change at least.", lo=0, hi=60)
+    max_settle_windows: int = opt(10, "Windows a change may take to warm up (every new loader worker delivered, "
+                                      "samples/s no longer climbing) before it is measured anyway.", lo=0, hi=600)
     min_gain: float = opt(0.03, "Relative samples/s gain a change must show to be kept.", lo=0, hi=1)
+    max_extensions: int = opt(3, "Times a gain above min_gain but inside the job's own noise is measured again "
+                                 "(measure_windows each) before it is kept or rolled back.", lo=0, hi=20)
     regression_bound: float = opt(0.25, "A window this far below the baseline (twice) rolls back at once.",
                                   lo=0.01, hi=1)
     cooldown_windows: int = opt(3, "Windows without trials after a roll back.", lo=0, hi=600)
     state_file: str = opt("", "Where the best settings per run and dataset are kept. Empty: "
                               "$STATE_DIRECTORY/best.json or /var/lib/looptune/best.json for the daemon, "
                               "~/.cache/looptune/best.json for an embedded hook.")
-    workers: WorkersTunerConfig = section(WorkersTunerConfig, "The DataLoader workers tuner.")
+    # Each tuner's own section, tuners.<name>, validated against the tuner's Options dataclass;
+    # filled by _build from the keys that name tuners (see _tuner_options).
+    options: dict[str, Any] = field(default_factory=lambda: _builtin_tuner_options(),
+                                    metadata={"tuner_sections": True})
 
 
 @dataclass
@@ -254,11 +242,20 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path or '<top>'}: {data!r} is not a mapping of keys")
         return cls()
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("tuner_sections")}
+    sections = next((f.name for f in dataclasses.fields(cls) if f.metadata.get("tuner_sections")), None)
+    kwargs: dict[str, Any] = {}
+    if sections is not None:
+        kwargs[sections] = _builtin_tuner_options()
     for key in data:
-        if key not in fields:
-            problems.append(f"{prefix}{key}: unknown key; allowed keys here: {', '.join(fields)}")
-    kwargs = {}
+        if key in fields:
+            continue
+        if sections is not None and isinstance(key, str):
+            options_cls = _tuner_options(key, prefix, problems)
+            if options_cls is not None:
+                kwargs[sections][key] = _build(options_cls, data[key], prefix + key, problems)
+            continue
+        problems.append(f"{prefix}{key}: unknown key; allowed keys here: {', '.join(fields)}")
     for name, f in fields.items():
         if name not in data:
             continue
@@ -270,6 +267,36 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             if value is not None or data[name] is None:
                 kwargs[name] = value
     return cls(**kwargs)
+
+
+def _builtin_tuner_options() -> dict[str, Any]:
+    """Each built-in tuner's options at their defaults (a plugin's: when its section is given)."""
+    from looptune.tuners.registry import BUILTIN, load_factory
+    out = {}
+    for name in sorted(BUILTIN):
+        cls = getattr(load_factory(name), "Options", None)
+        if cls is not None:
+            out[name] = cls()
+    return out
+
+
+def _tuner_options(name: str, prefix: str, problems: list[str]) -> type | None:
+    """The Options dataclass of tuner `name` (a tuners.<name> section), or None with the problem noted."""
+    from looptune.tuners.registry import TunerLoadError, available, load_factory
+    fields = [f.name for f in dataclasses.fields(TunersConfig) if not f.metadata.get("tuner_sections")]
+    if name not in available():
+        problems.append(f"{prefix}{name}: unknown key; allowed keys here: {', '.join(fields)}, or a tuner's "
+                        f"name for its options ({', '.join(sorted(available()))})")
+        return None
+    try:
+        options_cls = getattr(load_factory(name), "Options", None)
+    except TunerLoadError as exc:
+        problems.append(f"{prefix}{name}: {exc}")
+        return None
+    if options_cls is None or not dataclasses.is_dataclass(options_cls):
+        problems.append(f"{prefix}{name}: tuner {name!r} takes no options")
+        return None
+    return options_cls
 
 
 def parse(data: Any, source: str = "<config>") -> Config:
@@ -364,6 +391,9 @@ def _render(obj: Any, indent: int, lines: list[str]) -> None:
     pad = "  " * indent
     for f in dataclasses.fields(obj):
         meta = f.metadata
+        if meta.get("tuner_sections"):
+            _render_tuner_sections(getattr(obj, f.name), indent, lines)
+            continue
         doc = meta.get("doc", "")
         allowed = _allowed(dict(meta))
         if allowed:
@@ -379,6 +409,24 @@ def _render(obj: Any, indent: int, lines: list[str]) -> None:
             lines.extend(f"{pad}  - {_yaml_scalar(v)}" for v in value)
         else:
             lines.append(f"{pad}{f.name}: {_yaml_scalar(value)}")
+        if indent == 0:
+            lines.append("")
+
+
+def _render_tuner_sections(options: dict[str, Any], indent: int, lines: list[str]) -> None:
+    """tuners.<name> for every built-in tuner that has options (plugins document their own)."""
+    from looptune.tuners.registry import BUILTIN, load_factory
+    pad = "  " * indent
+    for name in sorted(BUILTIN):
+        factory = load_factory(name)
+        cls = getattr(factory, "Options", None)
+        if cls is None:
+            continue
+        doc = f"Options of the {name} tuner: {(factory.__doc__ or '').strip().splitlines()[0]}"
+        for line in textwrap.wrap(doc, 96 - len(pad)):
+            lines.append(f"{pad}# {line}")
+        lines.append(f"{pad}{name}:")
+        _render(options.get(name) or cls(), indent + 1, lines)
         if indent == 0:
             lines.append("")
 

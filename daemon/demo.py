@@ -198,7 +198,7 @@ def _scrape(url: str) -> list[str]:
 
 
 def _stop_workers(watched: Any) -> None:
-    it = getattr(watched, "it", None)        # tuners.loader.WatchedLoader: the running iterator
+    it = getattr(watched, "it", None)        # tuners.hook.actuators.loader.WatchedLoader: the running iterator
     if it is not None:
         watched.it = None
         stop = getattr(it, "_shutdown_workers", None)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from looptune.collectors.hookjobs import HookView
-from looptune.tuners.protocol import ProtocolError
+from looptune.protocol import ProtocolError
 
 
 @dataclass

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from looptune.daemon.hooks import HookJob, HookRegistry
-from looptune.tuners import protocol
-from looptune.tuners.protocol import ProtocolError
+from looptune import protocol
+from looptune.protocol import ProtocolError
 
 log = logging.getLogger("looptune.server")
 

@@ -292,6 +292,12 @@ class Daemon:
                 self.notifier.ready()
                 return False
             with self._engine_lock:
+                if self.engine is not None:
+                    # a trial in flight is judged by the settings it started under: roll it back first
+                    n = self.engine.abort("config reloaded")
+                    if n:
+                        log.info("config reload: %d trial(s) in flight rolled back", n)
+                    engine.outcomes.update(self.engine.outcomes)     # counters stay monotonic
                 self.engine = engine
         if self.socket_server is not None:
             self.socket_server.allowed_uids = set(new.daemon.allowed_uids)

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from looptune.tuners import protocol
+from looptune import protocol
 
 
 def fetch(paths: list[str], timeout: float = 2.0) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ class Window:
     gpu_utilization: float | None = None     # 0..1, mean over the job's GPUs
     gpu_memory_used_share: float | None = None
     comm_share: float | None = None          # when DDP timing is reported
+    loss: float | None = None                # the job's latest loss, when hook.step(loss=...) gives it
 
 
 def verdict(w: Window) -> str:

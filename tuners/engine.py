@@ -2,37 +2,67 @@
 
 Pure Python, no torch: the daemon runs it for every hooked job, and a hook without a daemon
 runs the same engine in-process. Per job there is at most one trial at a time, an explicit
-state machine:
+state machine (Phase):
 
-    ready -> (baseline) -> apply -> settle -> measure -> keep | roll back -> cooldown -> ready
+    ready -> (baseline) -> APPLY -> SETTLE -> MEASURE -> keep | ROLLBACK -> cooldown -> ready
 
-The comparison is noise-aware: the median of several windows against the median of the
-baseline windows, with a minimum relative gain before "better". A window that falls below the
-baseline by more than `regression_bound`, a failed apply, or a memory budget crossed rolls
-back at once. Tuners are plugins (tuners.registry): observations in, a proposed change out.
+A tuner declares what it optimises (`objective`: a Window figure, higher is better; samples/s
+by default) and the guards that end a trial at once (`guards`; the engine adds its own:
+regression of the objective, loss health). Settling ends when the new setting is warm: the
+actuator no longer reports the knob as settling (every new loader worker delivered) and the
+objective has stopped climbing. The comparison is noise-aware: the median of the measured
+windows against the median of every window at the old setting, with a bar from the job's own
+jitter that narrows as more windows are measured; a gain above the minimum but inside that
+bar earns more measurement before it is believed or rolled back.
+
+A knob changed by someone else (the hook itself, after an out-of-memory error) ends a trial on
+that knob as `failed` and starts a new baseline. `abort()` (a config reload) rolls back every
+trial in flight before the engine is replaced.
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
+import math
 import statistics
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from looptune.tuners.bottleneck import Window, verdict
 
 log = logging.getLogger("looptune.engine")
 
-STEADY_WINDOWS = 10   # windows kept at the current setting, to judge the job's jitter
+STEADY_WINDOWS = 20   # windows kept at the current setting, to judge the job's jitter
+
+
+class Phase(str, enum.Enum):
+    """A trial's phase; compares equal to its name as a string."""
+    APPLY = "apply"          # decision sent, waiting for the hook to apply it
+    SETTLE = "settle"        # applied; the new setting warms up, windows not counted
+    MEASURE = "measure"      # windows at the new setting, compared with the old one
+    ROLLBACK = "rollback"    # the old value sent back, waiting to see it applied
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Outcome(str, enum.Enum):
+    KEPT = "kept"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
 class Observation:
     """One report of a job, joined with its process-tree and host figures."""
     time: float                                  # monotonic seconds
-    counters: dict[str, float]                   # cumulative, from the hook
+    counters: dict[str, float]                   # the report's figures (looptune.schema), counters cumulative
     knobs: dict[str, Any]
     untunable: dict[str, str] = field(default_factory=dict)   # knob -> why it cannot change
     signature: str = ""                          # the watched loader's dataset signature
@@ -43,7 +73,7 @@ class Observation:
     worker_uss_bytes: int | None = None          # all loader workers together
     main_rss_bytes: int | None = None
     host_available_bytes: int | None = None
-    comm_share: float | None = None
+    settling: tuple[str, ...] = ()               # knobs whose new setting is still warming up
 
 
 @dataclass(frozen=True)
@@ -51,7 +81,7 @@ class Proposal:
     knob: str
     value: Any
     reason: str
-    keep_if: str = "gain"        # gain: must improve by min_gain; no_loss: must not lose more
+    keep_if: str = "gain"        # gain: must improve by the bar; no_loss: must not lose more than it
 
 
 @dataclass
@@ -60,21 +90,44 @@ class Settings:
     baseline_windows: int = 3
     measure_windows: int = 3
     settle_windows: int = 1
+    max_settle_windows: int = 10
     min_gain: float = 0.03
     regression_bound: float = 0.25
     cooldown_windows: int = 3
     apply_timeout_seconds: float = 60.0
+    max_extensions: int = 3      # times a gain inside the noise may be measured again (measure_windows each)
+
+
+class Guard(Protocol):
+    """Ends a trial at once (roll back) when `check` names a reason."""
+    name: str
+
+    def check(self, trial: Trial, obs: Observation, window: Window, settings: Settings) -> str | None: ...
 
 
 class Tuner(Protocol):
     name: str
     knob: str
+    objective: str                  # a Window figure to maximise, e.g. "samples_per_second"
+    guards: Sequence[Guard]         # the tuner's own guards, beside the engine's
 
-    def propose(self, ctx: "Context") -> Proposal | None:
+    def propose(self, ctx: Context) -> Proposal | None:
         """A change to try now, or None."""
 
-    def result(self, proposal: Proposal, outcome: str, gain: float | None, ctx: "Context") -> None:
+    def result(self, proposal: Proposal, outcome: str, gain: float | None, ctx: Context) -> None:
         """What became of the proposal: kept, rolled_back or failed."""
+
+
+class TunerBase:
+    """Defaults for a tuner plugin: samples/s, no guards of its own, no options."""
+    name = ""
+    knob = ""
+    objective = "samples_per_second"
+    guards: Sequence[Guard] = ()
+    Options: type | None = None     # a dataclass of the tuner's options: config section tuners.<name>
+
+    def result(self, proposal: Proposal, outcome: str, gain: float | None, ctx: Context) -> None:
+        pass
 
 
 @dataclass
@@ -86,7 +139,7 @@ class Context:
     windows: list[Window]
     verdict: str
     settings: Settings
-    remembered: Any = None        # best value stored for (run, signature), if any
+    remembered: Any = None        # the best value stored for (run, signature, this tuner's knob), if any
 
 
 @dataclass
@@ -96,13 +149,17 @@ class Trial:
     old: Any
     baseline: list[float]
     id: int
-    phase: str = "apply"
+    phase: Phase = Phase.APPLY
     started: float = 0.0
-    settle_left: int = 0
+    acked: bool = False
+    settled: int = 0                                    # windows spent settling
     measured: list[float] = field(default_factory=list)
+    losses_before: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    nonfinite_at_start: float = 0.0
     below: int = 0
     steady: list[float] = field(default_factory=list)   # every window at the old setting: its jitter
-    extended: bool = False
+    extensions: int = 0
     rollback_id: int | None = None
 
 
@@ -113,11 +170,63 @@ class JobState:
     last_obs: Observation | None = None
     window_start: Observation | None = None
     windows: deque = field(default_factory=lambda: deque(maxlen=120))
-    steady: list[float] = field(default_factory=list)   # throughput windows at the current setting
+    steady: list[float] = field(default_factory=list)   # objective windows at the current setting
+    losses: list[float] = field(default_factory=list)   # loss per window at the current setting
     trial: Trial | None = None
     cooldown: int = 0
     verdict: str = "none"
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---- guards ----
+
+class RegressionGuard:
+    """Two windows below the old setting's median by more than `regression_bound`."""
+    name = "regression"
+
+    def check(self, trial: Trial, obs: Observation, window: Window, settings: Settings) -> str | None:
+        base = statistics.median(trial.steady or trial.baseline)
+        value = objective_of(trial.tuner, window)
+        if base > 0 and value is not None and value < base * (1 - settings.regression_bound):
+            trial.below += 1
+            if trial.below >= 2:
+                return "regression"
+        else:
+            trial.below = 0
+        return None
+
+
+class LossGuard:
+    """A non-finite loss rolls back at once; so does a loss clearly above the trend it had before
+    the change (3 robust deviations of that trend and 5% of the loss, over 2 or more windows)."""
+    name = "loss"
+
+    def check(self, trial: Trial, obs: Observation, window: Window, settings: Settings) -> str | None:
+        if obs.counters.get("loss_nonfinite", 0) > trial.nonfinite_at_start:
+            return "the loss became NaN or infinite"
+        before, after = trial.losses_before, trial.losses
+        if len(before) < 3 or len(after) < 2:
+            return None
+        n = len(before)
+        xs = range(n)
+        mx, my = (n - 1) / 2, statistics.fmean(before)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, before)) / sxx
+        resid = [y - (my + slope * (x - mx)) for x, y in zip(xs, before)]
+        spread = 1.4826 * statistics.median(abs(r) for r in resid)
+        # the trend continued over the trial's windows, not extrapolated past them
+        excess = statistics.median(y - (my + slope * (n + i - mx)) for i, y in enumerate(after))
+        if excess > max(3 * spread, 0.05 * abs(my)):
+            return f"loss {statistics.median(after):.4g} is above its trend before the change ({my:.4g})"
+        return None
+
+
+ENGINE_GUARDS: tuple[Guard, ...] = (RegressionGuard(), LossGuard())
+
+
+def objective_of(tuner: Tuner, w: Window) -> float | None:
+    value = getattr(w, tuner.objective)
+    return None if value is None else float(value)
 
 
 class Engine:
@@ -140,13 +249,16 @@ class Engine:
         job = self.jobs.get(key)
         if job is None:
             job = self.jobs[key] = JobState(run=run, tuners=self._make_tuners(tuners))
+        prev = job.last_obs
         job.last_obs = obs
         if job.window_start is None:
             job.window_start = obs
             return
+        if self._changed_outside(key, job, prev, obs):
+            return
         # reports come about once a window: allow their jitter instead of skipping to two windows
         if obs.time - job.window_start.time < 0.9 * self.settings.window_seconds:
-            if job.trial is not None and job.trial.phase == "apply":
+            if job.trial is not None and job.trial.phase is Phase.APPLY:
                 self._check_applied(key, job, obs)
             return
         w = _window(job.window_start, obs)
@@ -165,31 +277,74 @@ class Engine:
         """The hook's acknowledgement of a decision (applied, failed or skipped)."""
         job = self.jobs.get(key)
         t = job.trial if job is not None else None
-        if t is None or outcome == "applied":
+        if t is None:
             return
-        if t.phase == "rollback":
+        if outcome == "applied":
+            if t.phase is Phase.APPLY and decision_id == t.id:
+                t.acked = True
+            return
+        if t.phase is Phase.ROLLBACK:
             if decision_id == t.rollback_id:
                 # the old value could not be restored: say so now instead of waiting out the timeout
                 log.warning("run %s: roll back of %s to %r not applied (%s): %s", job.run, t.proposal.knob,
                             t.old, outcome, detail)
-                job.trial = None
-                job.steady = []
-                job.cooldown = self.settings.cooldown_windows
+                self._rebaseline(job, cooldown=True)
             return       # the trial itself is already recorded (rolled_back)
         if t.id != decision_id:
             return
         log.warning("run %s: %s -> %r not applied (%s): %s", job.run, t.proposal.knob, t.proposal.value,
                     outcome, detail)
-        self._finish(key, job, "failed", None, detail or outcome)
+        self._finish(key, job, Outcome.FAILED, None, detail or outcome)
 
     def forget(self, key: Any) -> None:
         """The job left; a trial it was in has nothing left to roll back."""
         self.jobs.pop(key, None)
 
+    def abort(self, why: str) -> int:
+        """Roll back every trial in flight (a config reload replaces this engine); returns how many."""
+        n = 0
+        for key, job in self.jobs.items():
+            t = job.trial
+            if t is not None and t.phase is not Phase.ROLLBACK:
+                self._rollback(key, job, why, None)
+                n += 1
+        return n
+
     def verdicts(self) -> dict[Any, str]:
         return {k: j.verdict for k, j in self.jobs.items()}
 
     # ---- the state machine ----
+
+    def _changed_outside(self, key: Any, job: JobState, prev: Observation | None, obs: Observation) -> bool:
+        """A knob that moved without a decision of ours: the trial on it failed, the baseline restarts."""
+        t = job.trial
+        if t is not None:
+            knob, now = t.proposal.knob, obs.knobs.get(t.proposal.knob)
+            expected = {Phase.APPLY: (t.old, t.proposal.value), Phase.SETTLE: (t.proposal.value,),
+                        Phase.MEASURE: (t.proposal.value,), Phase.ROLLBACK: (t.proposal.value, t.old)}[t.phase]
+            if now in expected:
+                return False
+            if t.phase is Phase.ROLLBACK:
+                log.info("run %s: %s is %r after the roll back, not %r: the job changed it", job.run, knob, now, t.old)
+                self._rebaseline(job, obs=obs)
+                return True
+            self._finish(key, job, Outcome.FAILED, None,
+                         f"{knob} changed outside the trial: {t.proposal.value!r} expected, the job has {now!r}")
+            self._rebaseline(job, obs=obs)
+            return True
+        if prev is not None and any(prev.knobs.get(k) != v for k, v in obs.knobs.items() if k in prev.knobs):
+            self._rebaseline(job, obs=obs)      # windows at the old setting say nothing about the new one
+            return True
+        return False
+
+    def _rebaseline(self, job: JobState, obs: Observation | None = None, cooldown: bool = False) -> None:
+        job.trial = None
+        job.steady = []
+        job.losses = []
+        if cooldown:
+            job.cooldown = self.settings.cooldown_windows
+        if obs is not None:
+            job.window_start = obs
 
     def _advance(self, key: Any, job: JobState, obs: Observation, w: Window) -> None:
         t = job.trial
@@ -199,57 +354,84 @@ class Engine:
                 job.cooldown -= 1
                 return
             job.steady.append(w.samples_per_second)
-            del job.steady[:-max(s.baseline_windows, s.measure_windows, STEADY_WINDOWS)]
+            if w.loss is not None:
+                job.losses.append(w.loss)
+            keep = max(s.baseline_windows, s.measure_windows, STEADY_WINDOWS)
+            del job.steady[:-keep]
+            del job.losses[:-keep]
             if len(job.steady) >= s.baseline_windows:
                 self._maybe_start(key, job, obs, w)
             return
-        if t.phase == "apply":
+        if t.phase is Phase.APPLY:
             self._check_applied(key, job, obs)
             return
-        if t.phase == "rollback":
+        if t.phase is Phase.ROLLBACK:
             if obs.knobs.get(t.proposal.knob) == t.old or self._clock() - t.started > s.apply_timeout_seconds:
-                job.trial = None
-                job.steady = []
-                job.cooldown = s.cooldown_windows
+                self._rebaseline(job, cooldown=True)
             return
-        if t.phase == "settle":
-            t.settle_left -= 1
-            if t.settle_left <= 0:
-                t.phase = "measure"
+        if t.phase is Phase.SETTLE:
+            t.settled += 1
+            warming = t.proposal.knob in obs.settling and t.settled < s.max_settle_windows
+            if t.settled >= s.settle_windows and not warming:
+                t.phase = Phase.MEASURE
             return
-        # measure
-        base = statistics.median(t.steady or t.baseline)   # every window at the old setting
-        t.measured.append(w.samples_per_second)
-        if base > 0 and w.samples_per_second < base * (1 - s.regression_bound):
-            t.below += 1
-            if t.below >= 2:
-                self._rollback(key, job, "regression", (statistics.median(t.measured) / base) - 1)
+        self._measure(key, job, obs, w)
+
+    def _measure(self, key: Any, job: JobState, obs: Observation, w: Window) -> None:
+        t = job.trial
+        assert t is not None
+        s = self.settings
+        value = objective_of(t.tuner, w)
+        if value is None:
+            return
+        t.measured.append(value)
+        if w.loss is not None:
+            t.losses.append(w.loss)
+        for guard in (*ENGINE_GUARDS, *t.tuner.guards):
+            reason = guard.check(t, obs, w, s)
+            if reason:
+                base = statistics.median(t.steady or t.baseline)
+                gain = statistics.median(t.measured) / base - 1 if base > 0 else None
+                self._rollback(key, job, reason, gain)
                 return
+        self._drop_ramp(t)
+        if len(t.measured) < s.measure_windows * (1 + t.extensions):
+            return
+        base = statistics.median(t.steady or t.baseline)
+        gain = statistics.median(t.measured) / base - 1 if base > 0 else float("inf")
+        bar = max(s.min_gain, noise_bar(t.steady, t.measured))
+        if t.proposal.keep_if == "gain":
+            ok, inside_noise = gain >= bar, s.min_gain <= gain < bar
+        else:                       # no_loss: kept unless it loses more than the bar
+            ok, inside_noise = gain >= -bar, -bar <= gain < -s.min_gain
+        if inside_noise and t.extensions < s.max_extensions:
+            t.extensions += 1       # a difference the noise could explain: measure as long again
+            return
+        if ok:
+            self._finish(key, job, Outcome.KEPT, gain, f"{gain:+.1%} samples/s")
+            job.steady = list(t.measured)
+            job.losses = list(t.losses)
         else:
-            t.below = 0
-        reason = t.tuner.budget_exceeded(obs) if hasattr(t.tuner, "budget_exceeded") else None
-        if reason:
-            self._rollback(key, job, reason, None)
-            return
-        if len(t.measured) >= s.measure_windows * (2 if t.extended else 1):
-            gain = statistics.median(t.measured) / base - 1 if base > 0 else float("inf")
-            bar = max(s.min_gain, _noise(t.steady, t.measured))
-            ok = gain >= bar if t.proposal.keep_if == "gain" else gain >= -bar
-            if ok and t.proposal.keep_if == "gain" and gain < 3 * bar and not t.extended:
-                t.extended = True    # a marginal gain: measure as long again before believing it
+            self._rollback(key, job, f"{gain:+.1%} samples/s is below the {bar:.0%} bar", gain)
+
+    def _drop_ramp(self, t: Trial) -> None:
+        """Leading windows still climbing to the new level are settling, not measurement."""
+        while len(t.measured) >= 3 and t.settled < self.settings.max_settle_windows:
+            rest = statistics.median(t.measured[1:])
+            if rest <= 0 or t.measured[0] >= rest * (1 - max(self.settings.min_gain, window_noise(t.measured[1:]))):
                 return
-            if ok:
-                self._finish(key, job, "kept", gain, f"{gain:+.1%} samples/s")
-                job.steady = list(t.measured)
-            else:
-                self._rollback(key, job, f"{gain:+.1%} samples/s is below the {bar:.0%} bar", gain)
+            t.measured.pop(0)
+            if t.losses:
+                t.losses.pop(0)
+            t.settled += 1
 
     def _maybe_start(self, key: Any, job: JobState, obs: Observation, w: Window) -> None:
-        remembered = self.memory.get(job.run, obs.signature) if self.memory is not None and obs.signature else None
-        ctx = Context(job.run, obs, w, list(job.windows), job.verdict, self.settings, remembered)
         for tuner in job.tuners:
             if tuner.knob in obs.untunable:
                 continue
+            remembered = (self.memory.get(job.run, obs.signature, tuner.knob)
+                          if self.memory is not None and obs.signature else None)
+            ctx = Context(job.run, obs, w, list(job.windows), job.verdict, self.settings, remembered)
             try:
                 p = tuner.propose(ctx)
             except Exception:  # noqa: BLE001 - a broken plugin must not stop the others
@@ -258,13 +440,15 @@ class Engine:
             if p is None or p.value == obs.knobs.get(p.knob):
                 continue
             trial = Trial(tuner, p, obs.knobs.get(p.knob), list(job.steady[-self.settings.baseline_windows:]),
-                          next(self._ids), started=self._clock(), steady=list(job.steady))
+                          next(self._ids), started=self._clock(), steady=list(job.steady),
+                          losses_before=list(job.losses),
+                          nonfinite_at_start=obs.counters.get("loss_nonfinite", 0))
             decision = {"id": trial.id, "knob": p.knob, "value": p.value, "reason": p.reason, "tuner": tuner.name}
             if not self._send(key, decision):
                 return
             job.trial = trial
-            for outcome in ("kept", "rolled_back", "failed"):   # series exist at 0, so increase() sees the 1st
-                self.outcomes.setdefault((job.run, tuner.name, p.knob, outcome), 0)
+            for outcome in Outcome:     # series exist at 0, so increase() sees the 1st
+                self.outcomes.setdefault((job.run, tuner.name, p.knob, outcome.value), 0)
             log.info("run %s: trial %s %s -> %r (%s)", job.run, tuner.name, p.knob, p.value, p.reason)
             return
 
@@ -272,56 +456,54 @@ class Engine:
         t = job.trial
         assert t is not None
         if obs.knobs.get(t.proposal.knob) == t.proposal.value:
-            t.phase = "settle"
-            t.settle_left = self.settings.settle_windows
+            t.phase = Phase.SETTLE
             job.window_start = obs          # windows start at the change
-            if t.settle_left <= 0:
-                t.phase = "measure"
+            if self.settings.settle_windows <= 0 and t.proposal.knob not in obs.settling:
+                t.phase = Phase.MEASURE
         elif self._clock() - t.started > self.settings.apply_timeout_seconds:
-            self._finish(key, job, "failed", None, "not applied in time")
+            self._finish(key, job, Outcome.FAILED, None, "not applied in time")
 
     def _rollback(self, key: Any, job: JobState, why: str, gain: float | None) -> None:
         t = job.trial
         assert t is not None
-        self._record(job, t, "rolled_back", gain, why)
+        self._record(job, t, Outcome.ROLLED_BACK, gain, why)
         t.rollback_id = next(self._ids)
         decision = {"id": t.rollback_id, "knob": t.proposal.knob, "value": t.old,
                     "reason": f"roll back: {why}", "tuner": t.tuner.name}
         self._send(key, decision)
-        t.phase = "rollback"
+        t.phase = Phase.ROLLBACK
         t.started = self._clock()
-        self._tell(t, "rolled_back", gain, job)
+        self._tell(t, Outcome.ROLLED_BACK, gain, job)
 
-    def _finish(self, key: Any, job: JobState, outcome: str, gain: float | None, why: str) -> None:
+    def _finish(self, key: Any, job: JobState, outcome: Outcome, gain: float | None, why: str) -> None:
         t = job.trial
         assert t is not None
         self._record(job, t, outcome, gain, why)
         job.trial = None
-        if outcome == "failed":
-            job.cooldown = self.settings.cooldown_windows
-            job.steady = []
-        if outcome == "kept" and self.memory is not None and job.last_obs is not None and job.last_obs.signature:
+        if outcome is Outcome.FAILED:
+            self._rebaseline(job, cooldown=True)
+        if outcome is Outcome.KEPT and self.memory is not None and job.last_obs is not None and job.last_obs.signature:
             self.memory.put(job.run, job.last_obs.signature, t.proposal.knob, t.proposal.value)
         self._tell(t, outcome, gain, job)
 
-    def _tell(self, t: Trial, outcome: str, gain: float | None, job: JobState) -> None:
+    def _tell(self, t: Trial, outcome: Outcome, gain: float | None, job: JobState) -> None:
         if job.last_obs is None or not job.windows:
             return
         ctx = Context(job.run, job.last_obs, job.windows[-1], list(job.windows), job.verdict, self.settings)
         try:
-            t.tuner.result(t.proposal, outcome, gain, ctx)
+            t.tuner.result(t.proposal, outcome.value, gain, ctx)
         except Exception:  # noqa: BLE001
             log.exception("tuner %s failed to take a result", t.tuner.name)
 
-    def _record(self, job: JobState, t: Trial, outcome: str, gain: float | None, why: str) -> None:
-        self.outcomes[(job.run, t.tuner.name, t.proposal.knob, outcome)] += 1
+    def _record(self, job: JobState, t: Trial, outcome: Outcome, gain: float | None, why: str) -> None:
+        self.outcomes[(job.run, t.tuner.name, t.proposal.knob, outcome.value)] += 1
         entry = {"time": time.time(), "tuner": t.tuner.name, "knob": t.proposal.knob, "old": t.old,
-                 "new": t.proposal.value, "outcome": outcome, "gain": gain, "reason": t.proposal.reason,
+                 "new": t.proposal.value, "outcome": outcome.value, "gain": gain, "reason": t.proposal.reason,
                  "detail": why}
         job.history.append(entry)
         del job.history[:-200]
         log.info("run %s: %s %s %r -> %r %s (%s)", job.run, t.tuner.name, t.proposal.knob, t.old,
-                 t.proposal.value, outcome, why)
+                 t.proposal.value, outcome.value, why)
 
 
 def from_config(config: Any, send: Callable[[Any, dict[str, Any]], bool], *, daemon: bool,
@@ -331,10 +513,12 @@ def from_config(config: Any, send: Callable[[Any, dict[str, Any]], bool], *, dae
     from looptune.tuners.registry import make_tuners
     t = config.tuners
     settings = Settings(window_seconds=t.window_seconds, baseline_windows=t.baseline_windows,
-                        measure_windows=t.measure_windows, settle_windows=t.settle_windows, min_gain=t.min_gain,
-                        regression_bound=t.regression_bound, cooldown_windows=t.cooldown_windows)
+                        measure_windows=t.measure_windows, settle_windows=t.settle_windows,
+                        max_settle_windows=max(t.settle_windows, t.max_settle_windows), min_gain=t.min_gain,
+                        regression_bound=t.regression_bound, cooldown_windows=t.cooldown_windows,
+                        max_extensions=t.max_extensions)
     enabled = list(t.enabled)
-    options = {"workers": t.workers}
+    options = dict(t.options)
     make_tuners(enabled, options)       # fail now, naming a plugin that does not load
 
     def tuners_for(names: list[str] | None) -> list[Tuner]:
@@ -344,17 +528,29 @@ def from_config(config: Any, send: Callable[[Any, dict[str, Any]], bool], *, dae
     return Engine(tuners_for, send, settings, memory=memory, clock=clock)
 
 
-def _noise(steady: list[float], measured: list[float]) -> float:
-    """The job's jitter at a fixed setting, relative: 1.5 x the median absolute deviation over the
-    median of each side's windows, the larger one. A gain smaller than that is not evidence on a
-    shared, noisy machine; the MAD ignores a lone window that caught a worker restart."""
-    out = 0.0
+def window_noise(x: Sequence[float]) -> float:
+    """One window's relative jitter: 1.5 x the median absolute deviation over the median (0 for
+    fewer than 3 windows). The MAD ignores a lone window that caught a worker restart."""
+    if len(x) < 3:
+        return 0.0
+    m = statistics.median(x)
+    return 1.5 * statistics.median(abs(v - m) for v in x) / m if m > 0 else 0.0
+
+
+def noise_bar(steady: Sequence[float], measured: Sequence[float]) -> float:
+    """The smallest relative difference of two medians the job's jitter does not explain: 1.5
+    standard errors of the difference, from the larger robust spread of the two sides. It narrows
+    as either side gets more windows, which is what measuring longer buys."""
+    spread = 0.0
     for x in (steady, measured):
         if len(x) >= 3:
             m = statistics.median(x)
             if m > 0:
-                out = max(out, 1.5 * statistics.median(abs(v - m) for v in x) / m)
-    return out
+                spread = max(spread, 1.4826 * statistics.median(abs(v - m) for v in x) / m)
+    if not steady or not measured:
+        return spread
+    # the median's standard error is ~1.25 sigma / sqrt(n)
+    return 1.5 * 1.2533 * spread * math.sqrt(1 / len(steady) + 1 / len(measured))
 
 
 def _window(a: Observation, b: Observation) -> Window | None:
@@ -364,8 +560,11 @@ def _window(a: Observation, b: Observation) -> Window | None:
     dsteps = cb["steps"] - ca["steps"]
     if dt <= 0 or dsteps <= 0 or dstep <= 0:
         return None
+    comm = None
+    if cb.get("comm_seconds") is not None and ca.get("comm_seconds") is not None:
+        comm = min(1.0, max(0.0, (cb["comm_seconds"] - ca["comm_seconds"]) / dstep))
     return Window(seconds=dt, samples_per_second=(cb["samples"] - ca["samples"]) / dt,
                   data_wait_share=min(1.0, max(0.0, (cb["data_wait_seconds"] - ca["data_wait_seconds"]) / dstep)),
                   step_seconds_mean=dstep / dsteps, cpu_cores_used=b.cpu_cores_used,
                   cpu_cores_allowed=b.cpu_cores_allowed, gpu_utilization=b.gpu_utilization,
-                  gpu_memory_used_share=b.gpu_memory_used_share, comm_share=b.comm_share)
+                  gpu_memory_used_share=b.gpu_memory_used_share, comm_share=comm, loss=cb.get("loss"))

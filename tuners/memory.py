@@ -50,7 +50,7 @@ class BestSettings:
     def _key(run: str, signature: str) -> str:
         return f"{run}|{signature}"
 
-    def get(self, run: str, signature: str, knob: str = "num_workers") -> Any:
+    def get(self, run: str, signature: str, knob: str) -> Any:
         with self._lock:
             return self._data.get(self._key(run, signature), {}).get(knob)
 

@@ -50,4 +50,4 @@ def build(time: float, report: dict[str, Any], job: Any = None, host_available_b
         gpu_utilization=gpu_util, gpu_memory_used_share=gpu_mem,
         worker_uss_bytes=job.worker_uss_bytes if job is not None else None,
         main_rss_bytes=job.root_rss_bytes if job is not None else None,
-        host_available_bytes=host_available_bytes)
+        host_available_bytes=host_available_bytes, settling=tuple(report.get("settling", ())))

@@ -46,7 +46,27 @@ def make_tuners(names: list[str], options: dict[str, Any]) -> list[Any]:
     for name in names:
         factory = load_factory(name)
         try:
-            out.append(factory(options.get(name)))
+            tuner = factory(options.get(name))
         except Exception as exc:  # noqa: BLE001
             raise TunerLoadError(name, f"{type(exc).__name__}: {exc}") from exc
+        why = _incomplete(tuner)
+        if why:
+            raise TunerLoadError(name, why)
+        out.append(tuner)
     return out
+
+
+def _incomplete(tuner: Any) -> str | None:
+    """What a tuner lacks of the engine's Tuner protocol (subclass engine.TunerBase for the defaults)."""
+    import dataclasses
+
+    from looptune.tuners.bottleneck import Window
+    missing = [a for a in ("name", "knob", "objective", "guards", "propose", "result") if not hasattr(tuner, a)]
+    if missing:
+        return f"lacks {', '.join(missing)} (subclass looptune.tuners.engine.TunerBase for defaults)"
+    figures = [f.name for f in dataclasses.fields(Window)]
+    if tuner.objective not in figures:
+        return f"objective {tuner.objective!r} is not a window figure; one of {', '.join(figures)}"
+    if not all(callable(getattr(g, "check", None)) for g in tuner.guards):
+        return "every guard needs a check(trial, obs, window, settings) method"
+    return None

@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from looptune.tuners.engine import Context, Observation, Proposal
+from looptune.options import opt
+from looptune.tuners.bottleneck import Window
+from looptune.tuners.engine import Context, Observation, Proposal, Settings, Trial, TunerBase
 
 
 START_WAIT_SHARE = 0.20   # from 0 workers, climb only when the loop waits at least this share
@@ -22,20 +24,37 @@ RETRY_WAIT_SHARE = 0.30   # after stopping, explore again only while it still wa
 
 @dataclass
 class WorkersOptions:
-    max_workers: int = 32
-    memory_budget_bytes: int = 0          # 0: a quarter of the host's available memory
-    memory_budget_share: float = 0.25
+    """The config section tuners.workers."""
+    max_workers: int = opt(32, "Most DataLoader workers the tuner will set.", lo=0, hi=1024)
+    memory_budget_bytes: int = opt(0, "Memory all loader workers of a job may use together (their USS), "
+                                      "bytes. 0: memory_budget_share of the host's available memory.", lo=0)
+    memory_budget_share: float = opt(0.25, "Share of the host's available memory for a job's workers when "
+                                           "memory_budget_bytes is 0.", lo=0.01, hi=0.9)
 
 
-class WorkersTuner:
+class MemoryBudget:
+    """Guard: the trial's workers use more memory than the budget allows."""
+    name = "memory_budget"
+
+    def __init__(self, tuner: WorkersTuner) -> None:
+        self.tuner = tuner
+
+    def check(self, trial: Trial, obs: Observation, window: Window, settings: Settings) -> str | None:
+        return self.tuner.budget_exceeded(obs)
+
+
+class WorkersTuner(TunerBase):
+    """DataLoader num_workers for input-bound jobs."""
     name = "workers"
     knob = "num_workers"
+    Options = WorkersOptions
 
-    def __init__(self, options: Any = None) -> None:
+    def __init__(self, options: WorkersOptions | None = None) -> None:
         o = options or WorkersOptions()
-        self.max_workers = int(getattr(o, "max_workers", 32))
-        self.budget_bytes = int(getattr(o, "memory_budget_bytes", 0))
-        self.budget_share = float(getattr(o, "memory_budget_share", 0.25))
+        self.max_workers = int(o.max_workers)
+        self.budget_bytes = int(o.memory_budget_bytes)
+        self.budget_share = float(o.memory_budget_share)
+        self.guards = (MemoryBudget(self),)
         self.rejected_above: int | None = None
         self.tried: set[int] = set()
         self.done = False

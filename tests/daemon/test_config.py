@@ -81,7 +81,10 @@ def _leaf_paths(obj: object, prefix: str = "") -> set[str]:
     out = set()
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
+        if f.metadata.get("tuner_sections"):        # tuners.<name>: each tuner's own options
+            for name, options in value.items():
+                out |= _leaf_paths(options, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(value):
             out |= _leaf_paths(value, f"{prefix}{f.name}.")
         else:
             out.add(prefix + f.name)

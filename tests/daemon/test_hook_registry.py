@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 
 from looptune.daemon.hooks import HookRegistry
-from looptune.tuners import protocol
-from looptune.tuners.protocol import ProtocolError, STEP_BUCKETS
+from looptune import protocol
+from looptune.protocol import ProtocolError, STEP_BUCKETS
 
 
 class Clock:

@@ -36,8 +36,8 @@ from looptune.collectors.hookjobs import REJECT_REASONS
 from looptune.daemon import config as cfg
 from looptune.daemon.service import Daemon
 from daemon_proc import DaemonPool, DaemonProc, Metrics, free_port
-from looptune.tuners import protocol
-from looptune.tuners.protocol import MAX_MESSAGE_BYTES, STEP_BUCKETS
+from looptune import protocol
+from looptune.protocol import MAX_MESSAGE_BYTES, STEP_BUCKETS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a second user (uid 65534)")
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from looptune.collectors.hookjobs import BOTTLENECK_KINDS, tuner_families
 from looptune.tuners.bottleneck import KINDS
-from looptune.tuners.engine import Context, Engine, Observation, Proposal, Settings
+from looptune.tuners.engine import Context, Engine, Observation, Proposal, Settings, TunerBase
 
 KEY = ("host", 4242)
 RUN = "exp-1"
@@ -148,7 +148,7 @@ class FakeJob:
         return [p for _, p, _ in self.trace]
 
 
-class ScriptTuner:
+class ScriptTuner(TunerBase):
     """A tuner that proposes a fixed list of values, one per call while it has any."""
 
     def __init__(self, values: list[Any], knob: str = "num_workers", name: str = "script",
@@ -166,6 +166,14 @@ class ScriptTuner:
 
     def result(self, proposal: Proposal, outcome: str, gain: float | None, ctx: Context) -> None:
         self.results.append((proposal.value, outcome, gain))
+
+
+class Budget:
+    """A tuner's own guard: over budget at 4 workers."""
+    name = "budget"
+
+    def check(self, trial: Any, obs: Observation, window: Any, settings: Settings) -> str | None:
+        return "over budget" if obs.knobs["num_workers"] == 4 else None
 
 
 def make(tuners: list[Any], settings: Settings | None = None, memory: Any = None,
@@ -340,7 +348,7 @@ def test_a_window_just_inside_the_bound_or_an_isolated_dip_does_not_roll_back_ea
 
 def test_budget_exceeded_rolls_back_at_once() -> None:
     tuner = ScriptTuner([4])
-    tuner.budget_exceeded = lambda obs: "over budget" if obs.knobs["num_workers"] == 4 else None
+    tuner.guards = (Budget(),)
     engine, job = make([tuner], curve=rates({0: 100.0, 4: 300.0}))
     for _ in range(7):
         job.tick()

@@ -20,11 +20,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import looptune.tuners.hook as hook_mod
+import looptune.tuners.hook.api as api_mod
+import looptune.tuners.hook.meter as meter_mod
 from conftest import free_port
 from looptune.daemon.config import ConfigError
 from daemon_proc import Metrics, http_get
-from looptune.tuners import protocol
+from looptune import protocol
 from looptune.tuners.hook import Actuator, Decision, Hook
 
 
@@ -178,7 +179,7 @@ def test_data_wait_and_step_time(make_hook: Callable[..., Hook]) -> None:
     assert n * delay <= ds.slept <= c["data_wait_seconds"] <= 1.2 * ds.slept
     # a step is data wait plus the work after it
     assert c["step_seconds"] >= c["data_wait_seconds"] + n * compute
-    hist = hook._hist
+    hist = hook.meter.hist
     assert len(hist) == len(protocol.STEP_BUCKETS) + 1
     assert sum(hist) == n
     # every step took more than 10 ms: nothing in the buckets up to le=0.005
@@ -209,7 +210,7 @@ def test_failing_measurement_never_stops_training(make_hook: Callable[..., Hook]
                                                   caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="looptune.hook")
     hook = make_hook(config={"hook": {"max_failures": 3}})
-    monkeypatch.setattr(hook_mod, "_batch_size", _boom)
+    monkeypatch.setattr(meter_mod, "batch_size", _boom)
     plain = list(DataLoader(Items(20), batch_size=2))
     got, errors_seen = [], []
     for batch in hook.watch(DataLoader(Items(20), batch_size=2)):
@@ -234,7 +235,7 @@ def test_failing_measurement_never_stops_training(make_hook: Callable[..., Hook]
 def test_failing_step_disables_the_hook_after_max_failures(make_hook: Callable[..., Hook],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     hook = make_hook(config={"hook": {"max_failures": 3}})
-    monkeypatch.setattr(hook_mod, "bisect_left", _boom)
+    monkeypatch.setattr(meter_mod, "bisect_left", _boom)
     batches = 0
     for _ in hook.watch(DataLoader(Items(16), batch_size=2)):
         batches += 1
@@ -251,7 +252,7 @@ def test_failing_step_disables_the_hook_after_max_failures(make_hook: Callable[.
 
 
 def test_a_broken_environment_at_start_leaves_the_hook_off(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hook_mod, "_Channel", _boom)
+    monkeypatch.setattr(api_mod, "Channel", _boom)
     hook = Hook(run="exp-1", socket=str(short_tmp / "none.sock"), config={})
     try:
         assert hook.disabled and hook.errors == 1
@@ -274,7 +275,7 @@ def _decision(knob: str, value: Any, id: int) -> dict[str, Any]:
 def test_a_decision_is_applied_at_the_next_step(make_hook: Callable[..., Hook]) -> None:
     hook = make_hook(tune=False)     # no decisions but the test's own
     state = {"value": 1}
-    hook.actuators["test_knob"] = Actuator(get=lambda: state["value"], set=lambda v: state.update(value=v))
+    hook.add_actuator("test_knob", lambda: state["value"], lambda v: state.update(value=v))
     loader = hook.watch(DataLoader(Items(8), batch_size=2))
     it = iter(loader)
     next(it)
@@ -305,7 +306,7 @@ def test_unknown_knob_is_skipped_and_a_failing_actuator_fails(make_hook: Callabl
     def refuse(v: Any) -> None:
         raise RuntimeError(f"cannot set {v}")
 
-    hook.actuators["stubborn"] = Actuator(get=lambda: 3, set=refuse)
+    hook.add_actuator("stubborn", lambda: 3, refuse)
     batches = 0
     for i, _ in enumerate(hook.watch(DataLoader(Items(12), batch_size=2))):
         batches += 1

@@ -83,7 +83,7 @@ def rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
             tuned = epochs_of(watched, user.sampler, hook, rank)
             dist.barrier()
             result = {"rank": rank, "untuned": untuned, "tuned": tuned, "mode": hook.mode,
-                      "sync_every": hook._sync_every, "errors": hook.errors, "disabled": hook.disabled,
+                      "sync_every": hook._sync.every, "errors": hook.errors, "disabled": hook.disabled,
                       "knobs": dict(hook.knobs), "active_workers": watched.active.num_workers,
                       "decisions": [(d.id, d.knob, d.new, d.outcome, d.step, d.detail) for d in hook.decisions]}
         finally:

@@ -28,7 +28,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
                               get_worker_info)
 
 from looptune.tuners.hook import Hook
-from looptune.tuners.loader import _shutdown
+from looptune.tuners.hook.actuators.loader import _shutdown
 
 EPOCHS = 3
 Changes = dict[tuple[int, int], list[tuple[str, Any]]]   # (epoch, k) -> [(knob, value)]; see run_watched
@@ -432,7 +432,7 @@ def test_pin_memory_is_kept(make_hook: Callable[..., Hook]) -> None:
 @pytest.mark.parametrize("persistent", [False, True], ids=["0 workers", "2 persistent workers"])
 def test_workers_that_do_not_start_lose_nothing(persistent: bool, make_hook: Callable[..., Hook],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import looptune.tuners.loader as loader_mod
+    import looptune.tuners.hook.actuators.loader as loader_mod
     real_iter = loader_mod._quiet_iter
 
     def no_new_workers(loader: DataLoader) -> Any:

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from looptune.collectors.hookjobs import REJECT_REASONS
-from looptune.tuners import protocol
-from looptune.tuners.protocol import MAX_MESSAGE_BYTES, ProtocolError, STEP_BUCKETS
+from looptune import protocol
+from looptune.protocol import MAX_MESSAGE_BYTES, ProtocolError, STEP_BUCKETS
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

@@ -69,7 +69,10 @@ def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 GOOD = '''
-class Echo:
+from looptune.tuners.engine import TunerBase
+
+
+class Echo(TunerBase):
     name = "echo"
     knob = "prefetch_factor"
 
@@ -156,15 +159,15 @@ def _temps(d: Path) -> list[str]:
 def test_put_get_round_trip_across_instances(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "best.json"          # the directory is created on the first put
     a = BestSettings(str(path))
-    assert a.get("exp-1", "sig") is None
+    assert a.get("exp-1", "sig", "num_workers") is None
     a.put("exp-1", "sig", "num_workers", 6)
     a.put("exp-1", "sig", "prefetch_factor", 4)
     a.put("exp-2", "sig", "num_workers", 2)
     b = BestSettings(str(path))
-    assert b.get("exp-1", "sig") == 6
+    assert b.get("exp-1", "sig", "num_workers") == 6
     assert b.get("exp-1", "sig", "prefetch_factor") == 4
-    assert b.get("exp-2", "sig") == 2
-    assert b.get("exp-1", "other") is None and b.get("exp-3", "sig") is None
+    assert b.get("exp-2", "sig", "num_workers") == 2
+    assert b.get("exp-1", "other", "num_workers") is None and b.get("exp-3", "sig", "num_workers") is None
     assert json.loads(path.read_text()) == {"exp-1|sig": {"num_workers": 6, "prefetch_factor": 4},
                                             "exp-2|sig": {"num_workers": 2}}
 
@@ -207,7 +210,7 @@ def test_a_failed_write_is_logged_and_leaves_no_temp_file(tmp_path: Path, monkey
     assert "cannot save best settings" in caplog.text and "No space left" in caplog.text
     assert _temps(tmp_path) == []
     assert json.loads(path.read_text()) == {"exp-1|sig": {"num_workers": 1}}   # the old file, whole
-    assert mem.get("exp-1", "sig") == 8                   # this process still knows it
+    assert mem.get("exp-1", "sig", "num_workers") == 8                   # this process still knows it
 
     blocked = tmp_path / "a-file"
     blocked.write_text("")
@@ -223,10 +226,10 @@ def test_a_corrupt_file_is_ignored_with_a_log(tmp_path: Path, content: bytes,
     with caplog.at_level(logging.WARNING, logger="looptune.memory"):
         mem = BestSettings(str(path))
     assert str(path) in caplog.text
-    assert mem.get("exp-1", "sig") is None
-    assert mem.get("exp-2", "sig") == (3 if content.startswith(b'{"exp-1') else None)   # good entries kept
+    assert mem.get("exp-1", "sig", "num_workers") is None
+    assert mem.get("exp-2", "sig", "num_workers") == (3 if content.startswith(b'{"exp-1') else None)   # good entries kept
     mem.put("exp-1", "sig", "num_workers", 4)            # and the next put writes a good file
-    assert BestSettings(str(path)).get("exp-1", "sig") == 4
+    assert BestSettings(str(path)).get("exp-1", "sig", "num_workers") == 4
     assert isinstance(json.loads(path.read_text()), dict)
 
 
@@ -238,7 +241,7 @@ def test_two_instances_do_not_drop_each_others_entries(tmp_path: Path) -> None:
     b.put("exp-b", "sig", "num_workers", 8)
     a.put("exp-a", "sig", "prefetch_factor", 3)
     fresh = BestSettings(path)
-    assert fresh.get("exp-a", "sig") == 4 and fresh.get("exp-b", "sig") == 8
+    assert fresh.get("exp-a", "sig", "num_workers") == 4 and fresh.get("exp-b", "sig", "num_workers") == 8
     assert fresh.get("exp-a", "sig", "prefetch_factor") == 3
 
 

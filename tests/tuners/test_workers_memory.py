@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from looptune.tuners.hook import Hook
-from looptune.tuners.loader import _shutdown
+from looptune.tuners.hook.actuators.loader import _shutdown
 
 PER_WORKER = 60 * 2**20
 BUDGET = 200 * 2**20

@@ -134,7 +134,7 @@ def test_the_remembered_best_is_proposed_first_and_the_kept_best_is_remembered(t
     assert d["value"] == 6 and d["reason"] == "the best setting remembered for this run and dataset"
     job.run(120)
     assert trials(engine)[0] == (6, "kept")
-    assert BestSettings(str(path)).get(RUN, "sig-1") == job.knobs["num_workers"] >= 6
+    assert BestSettings(str(path)).get(RUN, "sig-1", "num_workers") == job.knobs["num_workers"] >= 6
     # another dataset signature starts from scratch
     engine, job, tuner = tuned(lambda n: 100.0 * (1 + min(n, 6)), ideal=1400.0, memory=BestSettings(str(path)),
                                signature="sig-2")

@@ -140,8 +140,8 @@ def derive(loader: Any, num_workers: int, prefetch_factor: int | None, *,
 class WatchedLoader:
     """Iterates like the DataLoader it wraps (same batches, same order), timed by the hook."""
 
-    def __init__(self, hook: Any, loader: Any) -> None:
-        self._hook = hook
+    def __init__(self, meter: Any, loader: Any) -> None:
+        self._meter = meter             # hook.meter.Meter: the watched iterator adds to it
         self.loader = loader            # the user's, never modified
         self.active = loader            # what new epochs iterate: the user's, or one derived from it
         self.it: Any = None             # the running iterator
@@ -155,11 +155,12 @@ class WatchedLoader:
         self._user_started = getattr(loader, "_iterator", None) is not None
         self._stale: list[tuple[Any, Any]] = []   # (iterator, loader): persistent ones of a setting left
         self.tunable_reason = why_not_tunable(loader)
+        self._warm_at: int | None = None          # meter.batches by which every new worker has delivered
+        self._warm_next_epoch: int | None = None  # workers of a setting that starts with the next epoch
 
     # ---- iteration ----
 
     def __iter__(self) -> Iterator[Any]:
-        from looptune.tuners.hook import _WatchedIter, _perf
         self.epoch += 1
         self.delivered = 0
         self._oneoff = None
@@ -170,8 +171,10 @@ class WatchedLoader:
             self._start_epoch()
         else:
             self.it = iter(self.active)
-        self._hook._t_step = _perf()
-        return _WatchedIter(self._hook, self)
+        if self._warm_next_epoch is not None:
+            self._warm_at, self._warm_next_epoch = self._meter.batches + self._warm_next_epoch, None
+        self._meter.restart_step_clock()
+        return self._meter.wrap(self)
 
     def _start_epoch(self) -> None:
         import torch
@@ -227,6 +230,7 @@ class WatchedLoader:
             if self.active.persistent_workers and old_it is not None:
                 self._stale.append((old_it, self.active))   # stopped at the next epoch's start, not under a loop
             self.active = new_active
+            self._warm_next_epoch = w
             return
         if self._oneoff is not None:
             # a one-off loader serves this epoch's end already: its index batches are known
@@ -244,6 +248,7 @@ class WatchedLoader:
             self.it = _quiet_iter(derive(self.loader, w, p if w > 0 else None,
                                          batch_sampler=_ListBatchSampler(remaining), generator=g))
             self.active = new_active
+            self._warm_at = self._meter.batches + w     # in-order delivery: batch j of the new iterator is worker j's
         except Exception:
             # the new workers did not start: serve the rest of the epoch with the old setting (its
             # iterator's workers are gone, its sampler drained), else in this process; report the failure
@@ -258,6 +263,15 @@ class WatchedLoader:
                 self.active = derive(self.loader, self.active.num_workers, self.active.prefetch_factor,
                                      generator=torch.Generator())
             raise
+
+    def settling(self) -> bool:
+        """True until every worker of the latest setting has delivered its first batch."""
+        if self._warm_next_epoch is not None:
+            return True
+        if self._warm_at is not None and self._meter.batches < self._warm_at:
+            return True
+        self._warm_at = None
+        return False
 
     def stop_workers(self) -> None:
         """Stop every worker this wrapper started or runs (Hook.close): persistent workers of a
@@ -324,3 +338,35 @@ def _shutdown(it: Any, owner: Any = None) -> None:
         stop()
     if owner is not None and getattr(owner, "_iterator", None) is it:
         owner._iterator = None
+
+
+def watch(hook: Any, loader: Any) -> Any:
+    """Hook.watch for a DataLoader (or any iterable of batches): the first one watched is the one
+    whose knobs are reported and tuned."""
+    w = WatchedLoader(hook.meter, loader)
+    if hook.loader is None:
+        hook.loader = w
+        hook.knobs.update(loader_knobs(loader))
+        hook.signature = signature(loader)
+        if w.tunable_reason is None:
+            hook.add_actuator("num_workers", lambda: w.active.num_workers,
+                              lambda v: w.set_workers(num_workers=v), settling=w.settling)
+            hook.add_actuator("prefetch_factor", lambda: w.active.prefetch_factor,
+                              lambda v: w.set_workers(prefetch_factor=v), settling=w.settling)
+        else:
+            for knob in ("num_workers", "prefetch_factor"):
+                hook.untunable[knob] = w.tunable_reason[:200]
+    return w
+
+
+def signature(loader: Any) -> str:
+    """Names the data a setting was found for: dataset type and size, batch size, sampler type."""
+    import hashlib
+    ds = getattr(loader, "dataset", loader)
+    try:
+        size = len(ds)
+    except TypeError:
+        size = -1
+    parts = [type(ds).__module__, type(ds).__qualname__, str(size), str(getattr(loader, "batch_size", None)),
+             type(getattr(loader, "sampler", None)).__name__]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]

@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any
 
+from looptune import schema
+
 VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 # fixed step-time histogram buckets (upper bounds, seconds); +Inf is implied after the last
@@ -19,7 +21,7 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 CLIENT_TYPES = ("hello", "report", "applied", "bye", "status")   # hook or CLI -> daemon
 SERVER_TYPES = ("welcome", "decision", "status_reply", "error")  # daemon -> hook or CLI
-COUNTERS = ("samples", "batches", "steps", "data_wait_seconds", "step_seconds")
+COUNTERS = schema.REQUIRED     # the figures every report carries; schema.FIGURES has the optional ones too
 MEMORY_KINDS = ("max_rss_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes")
 # \Z, not $: `$` also matches before a trailing newline, which let "run\n" through
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
@@ -138,7 +140,7 @@ def check_report(msg: dict[str, Any]) -> dict[str, Any]:
     counters = msg.get("counters")
     if not isinstance(counters, dict):
         raise ProtocolError("invalid", "counters must be an object")
-    out_counters = {k: _num(counters, k, integer=k in ("samples", "batches", "steps")) for k in COUNTERS}
+    out_counters = _figures(counters)
     hist = msg.get("step_hist")
     if not isinstance(hist, list) or len(hist) != len(STEP_BUCKETS) + 1 or not all(
             isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1 << 53 for c in hist):
@@ -158,7 +160,28 @@ def check_report(msg: dict[str, Any]) -> dict[str, Any]:
         "mode": "daemon",
         "signature": _short(msg, "signature", 64),
         "untunable": _reasons(msg.get("untunable", {})),
+        "settling": _knob_list(msg, "settling"),
     }
+
+
+def _figures(counters: dict[str, Any]) -> dict[str, float]:
+    """The report's figures, each checked as schema.FIGURES declares it; unknown keys are dropped."""
+    out: dict[str, float] = {}
+    for f in schema.FIGURES:
+        if f.optional and counters.get(f.name) is None:
+            continue
+        if f.kind == schema.COUNTER:
+            out[f.name] = _num(counters, f.name, integer=f.integer)
+        else:
+            out[f.name] = _num(counters, f.name, lo=-1e18, integer=f.integer)
+    return out
+
+
+def _knob_list(msg: dict, key: str) -> list[str]:
+    v = msg.get(key, [])
+    if not isinstance(v, list) or len(v) > MAX_KNOBS or not all(isinstance(k, str) and KNOB_RE.match(k) for k in v):
+        raise ProtocolError("invalid", f"{key} must be a list of at most {MAX_KNOBS} knob names")
+    return v
 
 
 def check_applied(msg: dict[str, Any]) -> dict[str, Any]:
