@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 # the sibling folders are this package's subpackages, as pyproject.toml maps them on install.
 # Only where the parent is the looptune repository, never in site-packages.
 _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isfile(os.path.join(_root, "pyproject.toml")) and os.path.isfile(os.path.join(_root, "tuners", "hook.py")):
+if os.path.isfile(os.path.join(_root, "pyproject.toml")) and os.path.isfile(os.path.join(_root, "tuners", "engine.py")):
     __path__.append(_root)  # noqa: F821 - a package's own __path__
 
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ def test_demo_raises_num_workers_and_cleans_up() -> None:
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     marker = f"# test_demo {os.getpid()} {time.time_ns()}"     # DataLoader workers share this command line
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from daemon.demo import main; raise SystemExit(main(['--seconds','20']))\n" + marker],
+        [sys.executable, "-c", "from looptune.daemon.demo import main; raise SystemExit(main(['--seconds','20']))\n" + marker],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=120)

@@ -1,0 +1,228 @@
+"""The engine's trial paths beyond keep / roll back (test_engine.py has those): a knob the job
+changed itself, a reload with a trial in flight, the loss guard, a gain inside the noise that
+earns more measurement, settling until the new setting is warm, and remembered values keyed
+by knob. Each test here fails on an engine without the path it names."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from test_engine import KEY, RUN, Clock, FakeJob, ScriptTuner, rates
+from looptune.tuners.engine import Engine, Observation, Phase, Settings, noise_bar
+from looptune.tuners.memory import BestSettings
+
+
+class Job(FakeJob):
+    """FakeJob with a loss, a settling flag after a change and a deterministic noise cycle."""
+
+    def __init__(self, *a: Any, loss: Callable[[int, int], float | None] | None = None,
+                 settling_windows: int = 0, ramp: float | None = None,
+                 cycle: tuple[float, ...] = (1.0,), **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.loss = loss                      # (report number, num_workers) -> loss, None: NaN
+        self.nonfinite = 0
+        self.settling_windows = settling_windows
+        self.ramp = ramp                      # samples/s while the new setting warms up
+        self.cycle = cycle
+        self.warm_left = 0
+        self.last_n = self.knobs["num_workers"]
+
+    def _run_for(self, seconds: float, n: int) -> None:
+        if n != self.last_n:
+            self.last_n, self.warm_left = n, self.settling_windows
+        curve = self.curve
+        factor = self.cycle[self.reports % len(self.cycle)]
+        rate = self.ramp if self.warm_left > 0 and self.ramp is not None else curve(n)
+        self.curve = lambda _n: rate * factor
+        try:
+            super()._run_for(seconds, n)
+        finally:
+            self.curve = curve
+
+    def observation(self) -> Observation:
+        obs = super().observation()
+        counters = dict(obs.counters)
+        if self.loss is not None:
+            value = self.loss(self.reports, self.knobs["num_workers"])
+            if value is None:
+                self.nonfinite += 1
+            else:
+                counters["loss"] = value
+            counters["loss_nonfinite"] = self.nonfinite
+        settling = ("num_workers",) if self.warm_left > 0 else ()
+        if self.warm_left > 0:
+            self.warm_left -= 1
+        return dataclasses.replace(obs, counters=counters, settling=settling)
+
+
+def make_job(tuners: list[Any], settings: Settings | None = None, memory: Any = None, **kw: Any) -> tuple[Engine, Job]:
+    clock = Clock()
+    job = Job(clock=clock, **kw)
+    engine = Engine(lambda names: list(tuners), job.send, settings or Settings(), memory=memory, clock=clock)
+    job.engine = engine
+    return engine, job
+
+
+def run_to(job: Job, phase: Phase, limit: int = 60) -> None:
+    for _ in range(limit):
+        job.tick()
+        t = job.engine.jobs[KEY].trial
+        if t is not None and t.phase is phase:
+            return
+    raise AssertionError(f"never reached {phase}: {job.phases}")
+
+
+# ---- a knob changed by the job itself ----
+
+def test_a_knob_the_job_changes_itself_fails_the_trial_and_restarts_the_baseline() -> None:
+    tuner = ScriptTuner([4])
+    engine, job = make_job([tuner], curve=rates({0: 100.0, 4: 200.0, 2: 150.0}))
+    run_to(job, Phase.MEASURE)
+    job.knobs["num_workers"] = 2          # the hook lowered it (an out-of-memory error, say)
+    job.tick()
+    state = engine.jobs[KEY]
+    assert state.trial is None
+    last = state.history[-1]
+    assert last["outcome"] == "failed" and "changed outside the trial" in last["detail"] and "2" in last["detail"]
+    assert tuner.results == [(4, "failed", None)]
+    assert [d["value"] for d in job.sent] == [4]        # nothing sent back: the job's own value stands
+    assert state.steady == []                            # windows at 0 or 4 say nothing about 2
+    job.run(10)
+    assert state.steady and all(v == pytest.approx(150.0) for v in state.steady)
+
+
+def test_a_knob_changed_between_trials_restarts_the_baseline() -> None:
+    engine, job = make_job([ScriptTuner([])], curve=rates({0: 100.0, 3: 300.0}))
+    job.run(5)
+    assert engine.jobs[KEY].steady == [100.0] * 5
+    job.knobs["num_workers"] = 3
+    job.tick()
+    assert engine.jobs[KEY].steady == []
+    job.run(3)
+    assert engine.jobs[KEY].steady == [300.0] * 3
+
+
+# ---- reload ----
+
+def test_abort_rolls_back_a_trial_in_flight() -> None:
+    engine, job = make_job([ScriptTuner([4])], curve=rates({0: 100.0, 4: 200.0}))
+    run_to(job, Phase.MEASURE)
+    assert engine.abort("config reloaded") == 1
+    assert job.sent[-1]["value"] == 0 and job.sent[-1]["reason"] == "roll back: config reloaded"
+    assert engine.outcomes[(RUN, "script", "num_workers", "rolled_back")] == 1
+    assert engine.abort("again") == 0            # a roll back in flight is not rolled back twice
+    job.run(3)
+    assert job.knobs["num_workers"] == 0 and engine.jobs[KEY].trial is None
+
+
+# ---- the loss ----
+
+def test_a_nan_loss_rolls_back_at_once() -> None:
+    nan_from = 6
+
+    def loss(report: int, n: int) -> float | None:
+        return None if n == 4 and report >= nan_from else 2.0 - 0.01 * report
+
+    engine, job = make_job([ScriptTuner([4])], settings=Settings(measure_windows=6), loss=loss,
+                           curve=rates({0: 100.0, 4: 200.0}))
+    run_to(job, Phase.MEASURE)
+    while engine.jobs[KEY].trial.phase is Phase.MEASURE:
+        job.tick()
+    last = engine.jobs[KEY].history[-1]
+    assert last["outcome"] == "rolled_back" and "NaN" in last["detail"]
+    assert len(engine.jobs[KEY].trial.measured) < 6        # before the measurement was done
+
+
+@pytest.mark.parametrize("jump, outcome", [(1.0, "rolled_back"), (0.0, "kept")])
+def test_a_loss_above_its_trend_rolls_back(jump: float, outcome: str) -> None:
+    def loss(report: int, n: int) -> float:           # falling steadily; a jump at the new setting
+        return 3.0 - 0.02 * report + (jump if n == 4 else 0.0)
+
+    engine, job = make_job([ScriptTuner([4])], settings=Settings(baseline_windows=5), loss=loss,
+                           curve=rates({0: 100.0, 4: 200.0}))
+    job.run_until_idle()
+    last = engine.jobs[KEY].history[-1]
+    assert last["outcome"] == outcome, last
+    if outcome == "rolled_back":
+        assert "loss" in last["detail"] and "trend" in last["detail"]
+
+
+# ---- noise ----
+
+CYCLE = (0.9, 1.0, 1.1)       # a deterministic jitter: median 1, median absolute deviation 0.1
+
+
+def test_a_gain_inside_the_noise_is_measured_longer_and_kept() -> None:
+    s = Settings(baseline_windows=10, measure_windows=3, max_extensions=3)
+    engine, job = make_job([ScriptTuner([4])], settings=s, cycle=CYCLE, curve=rates({0: 100.0, 4: 113.0}))
+    job.run_until_idle()
+    last = engine.jobs[KEY].history[-1]
+    assert last["outcome"] == "kept" and last["gain"] == pytest.approx(0.13)
+    measured = job.phases.count("measure")
+    assert measured > 3                     # more than one round of measure windows
+    # the bar that the first 3 windows faced was above the gain: that alone would have rolled it back
+    assert noise_bar([90.0, 100.0, 110.0] * 3 + [90.0], [101.7, 113.0, 124.3]) > 0.13
+
+
+def test_without_extensions_the_same_gain_is_rolled_back() -> None:
+    s = Settings(baseline_windows=10, measure_windows=3, max_extensions=0)
+    engine, job = make_job([ScriptTuner([4])], settings=s, cycle=CYCLE, curve=rates({0: 100.0, 4: 113.0}))
+    job.run_until_idle()
+    assert engine.jobs[KEY].history[-1]["outcome"] == "rolled_back"
+
+
+def test_the_noise_bar_narrows_with_more_windows() -> None:
+    steady = [90.0, 100.0, 110.0] * 4
+    bars = [noise_bar(steady, [90.0, 100.0, 110.0] * k) for k in (1, 2, 4)]
+    assert bars[0] > bars[1] > bars[2] > 0
+    assert noise_bar([100.0] * 5, [120.0] * 5) == 0.0
+
+
+# ---- settling ----
+
+def test_measurement_starts_when_the_new_setting_is_warm() -> None:
+    # 8 new workers: 4 windows before each has delivered, at a fraction of the old rate
+    engine, job = make_job([ScriptTuner([8])], curve=rates({0: 100.0, 8: 300.0}), settling_windows=4, ramp=20.0)
+    job.run_until_idle()
+    last = engine.jobs[KEY].history[-1]
+    assert last["outcome"] == "kept" and last["gain"] == pytest.approx(2.0)
+    assert job.phases.count("settle") >= 4
+
+
+def test_settling_is_bounded() -> None:
+    s = Settings(max_settle_windows=3)
+    engine, job = make_job([ScriptTuner([8])], settings=s, curve=rates({0: 100.0, 8: 300.0}), settling_windows=50)
+    job.run(40)
+    assert engine.jobs[KEY].history and engine.jobs[KEY].history[0]["outcome"] == "kept"
+    assert job.phases.count("settle") == 3
+
+
+def test_leading_windows_still_climbing_are_not_measured() -> None:
+    # no settling flag (an actuator without one), but the rate climbs for two windows
+    engine, job = make_job([ScriptTuner([4])], settings=Settings(settle_windows=0, measure_windows=4),
+                           curve=rates({0: 100.0, 4: 200.0}), settling_windows=2, ramp=60.0)
+    job.settling_windows = 2
+    job.observation_settling = False
+    orig = job.observation
+
+    def no_flag() -> Observation:
+        return dataclasses.replace(orig(), settling=())
+    job.observation = no_flag                  # type: ignore[method-assign]
+    job.run_until_idle()
+    last = engine.jobs[KEY].history[-1]
+    assert last["outcome"] == "kept" and last["gain"] == pytest.approx(1.0)
+
+
+# ---- remembered values, per knob ----
+
+def test_each_tuner_is_offered_the_value_remembered_for_its_own_knob(tmp_path: Path) -> None:
+    mem = BestSettings(str(tmp_path / "best.json"))
+    mem.put(RUN, "sig-1", "num_workers", 6)
+    workers, batch = ScriptTuner([], knob="num_workers", name="w"), ScriptTuner([], knob="micro_batch_size", name="b")
+    engine, job = make_job([workers, batch], memory=mem)
+    job.run(5)
+    assert workers.contexts and all(c.remembered == 6 for c in workers.contexts)
+    assert batch.contexts and all(c.remembered is None for c in batch.contexts)
