@@ -138,10 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="check or show configuration")
     csub = c.add_subparsers(dest="config_command", required=True)
     chk = csub.add_parser("check", help="validate a config file: exit 0 if good, 1 with the problems")
-    chk.add_argument("file")
+    chk.add_argument("file", metavar="FILE",
+                     help="the YAML config file to validate (the format of config.yaml: "
+                     "`looptune config show --defaults`)")
     chk.set_defaults(func=cmd_config_check)
     show = csub.add_parser("show", help="print the effective config (or the documented defaults)")
-    show.add_argument("--config")
+    show.add_argument("--config", metavar="FILE",
+                      help="config file to read (else $LOOPTUNE_CONFIG, /etc/looptune/config.yaml, "
+                      "built-in defaults: the daemon's lookup order)")
     show.add_argument("--defaults", action="store_true", help="print the commented default config.yaml")
     show.set_defaults(func=cmd_config_show)
 

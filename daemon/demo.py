@@ -12,8 +12,10 @@ repeating a sample.
 
 A live line shows, every second: samples/s, the share of the step time spent waiting for
 data, num_workers, the daemon's bottleneck verdict and the trial in progress. At the end: a
-before/after table (first 5 s against the last 10 s) and the decisions taken. Everything is
-stopped on the way out (loader workers, hook, daemon) and the temporary directory removed.
+before/after table (first 5 s against the last 10 s) and the decisions taken; the last line
+says plainly whether tuning helped (see `outcome_line`: no faster, or within NOISE, is "did not
+help"). Everything is stopped on the way out (loader workers, hook, daemon) and the temporary
+directory removed.
 
 Needs only this package and torch (`pip install 'looptune[torch]'`); torch is imported when
 the demo runs, never when this module is imported.
@@ -40,6 +42,9 @@ READ_SECONDS = 0.002         # per item: a read from remote storage
 ACCELERATOR_SECONDS = 0.003  # per step: stands for the GPU's share of a step
 BEFORE_SECONDS = 5.0
 AFTER_SECONDS = 10.0
+# Two runs of the same untuned loop on a shared machine differ by several percent in samples/s;
+# an end-to-start ratio within this of 1 is no evidence that tuning helped.
+NOISE = 0.10
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,6 +115,23 @@ def _fmt_rate(v: float | None) -> str:
 
 def _fmt_share(v: float | None) -> str:
     return "-" if v is None else f"{min(1.0, max(0.0, v)):.0%}"
+
+
+def outcome_line(start_rate: float | None, end_rate: float | None, noise: float = NOISE) -> str:
+    """The demo's last line: whether tuning helped, from samples/s at the start and at the end.
+
+    "did not help" when the end is no faster than the start, or faster by no more than `noise`
+    (a ratio, 0.10 = 10%); "helped" only beyond that."""
+    if not start_rate or not end_rate or start_rate <= 0 or end_rate <= 0:
+        return "result: not measured (no samples in the first or the last window)"
+    ratio = end_rate / start_rate
+    rates = f"{_fmt_rate(start_rate)} -> {_fmt_rate(end_rate)} samples/s, {ratio:.2f}x"
+    if ratio <= 1.0:
+        return f"result: tuning did not help: the run ended no faster than it started ({rates})"
+    if ratio <= 1.0 + noise:
+        return (f"result: tuning did not help: the end is within noise of the start ({rates}; "
+                f"a gain counts above {1.0 + noise:.2f}x)")
+    return f"result: tuning helped: the run ended {ratio:.1f}x faster than it started ({rates})"
 
 
 def _workers_between(ticks: list[Tick], a: float, b: float) -> str:
@@ -335,6 +357,7 @@ def run(seconds: float = 60.0, listen: str = "127.0.0.1:0", out: Any = None) -> 
         print(_cleanup_check(), file=out)
         if interrupted:
             print("(interrupted)", file=out)
+        print(outcome_line(r0, r1), file=out)
         return status
     finally:
         if watched is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -130,6 +131,55 @@ def test_shipped_scrape_config_is_valid() -> None:
     # also checks the rule files it names
     r = subprocess.run([promtool, "check", "config", str(SHIPPED)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_shipped_config_as_is_logs_no_error(short_tmp: Path) -> None:
+    """A real Prometheus started on dashboards/prometheus.yml itself, unchanged, from another
+    directory: it loads the rules, sets up both jobs (the file_sd one with nothing to find) and
+    logs no error, such as file_sd's "Error adding file watch" for a missing directory."""
+    binary = require_binary("prometheus")
+    port = free_port()
+    log_path = short_tmp / "prometheus.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={SHIPPED}", f"--storage.tsdb.path={short_tmp / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=info"],
+            cwd=short_tmp, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+    def api(path: str) -> Any:
+        status, body = http_get(f"http://127.0.0.1:{port}{path}", timeout=2)
+        return json.loads(body)["data"] if status == 200 else None
+
+    try:
+        deadline = time.monotonic() + 30
+        loaded = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"prometheus exited ({proc.returncode}):\n{log_path.read_text()}"
+            try:
+                # the static target appears once service discovery has run (file_sd alongside it)
+                targets = api("/api/v1/targets")
+                groups = api("/api/v1/rules")
+                if targets and groups and any(t["labels"]["job"] == "looptune" for t in targets["activeTargets"]) \
+                        and groups["groups"]:
+                    loaded = targets
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.25)
+        assert loaded, f"prometheus did not load the shipped config in 30 s:\n{log_path.read_text()}"
+        time.sleep(1)       # file_sd's watcher starts with the discovery manager; give it a moment
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    log_text = log_path.read_text(errors="replace")
+    assert "Completed loading of configuration file" in log_text, log_text
+    errors = [line for line in log_text.splitlines() if re.search(r"\blevel=(error|fatal|crit)", line, re.I)]
+    assert not errors, "\n".join(errors)
 
 
 def test_prometheus_scrapes_the_daemon(stack: tuple[DaemonProc, Prometheus]) -> None:

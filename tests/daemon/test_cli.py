@@ -1,10 +1,13 @@
 """The `looptune` command line, run as `python -m daemon ...` in a subprocess."""
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -143,3 +146,32 @@ def test_usage_errors(argv: list[str]) -> None:
     r = looptune(*argv)
     assert r.returncode == 2
     assert "usage: looptune" in r.stderr
+
+
+def test_config_help_explains_every_argument() -> None:
+    r = looptune("config", "check", "--help")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^\s+FILE\s+\S", r.stdout, re.M), r.stdout     # FILE, then its help on the line
+    assert "config file to validate" in r.stdout, r.stdout
+    r = looptune("config", "show", "--help")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^\s+--config FILE\s+\S", r.stdout, re.M), r.stdout
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_argument_has_help() -> None:
+    from looptune.daemon.cli import build_parser
+
+    missing = [f"{name}: {action.option_strings or action.dest}"
+               for name, parser in _parsers(build_parser(), "looptune")
+               for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction)
+               and (not action.help or action.help == argparse.SUPPRESS)]
+    assert not missing, "arguments without help text: " + "; ".join(missing)

@@ -56,6 +56,9 @@ def test_demo_raises_num_workers_and_cleans_up() -> None:
     assert m, out
     assert 'looptune_job_knob{' in out and 'knob="num_workers"' in out, out
 
+    # the last line says whether tuning helped (daemon.demo.outcome_line, tested in tests/daemon/)
+    assert re.match(r"result: tuning (helped|did not help)", out.rstrip().splitlines()[-1]), out
+
     # nothing left: the demo checked its own children, and no process with its command line remains
     assert "cleaned up: daemon stopped, no worker process left" in out, out
     deadline = time.monotonic() + 5
