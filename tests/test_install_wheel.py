@@ -158,7 +158,7 @@ def test_hook_imports_and_measures_without_torch(installed: Installed) -> None:
         "    print(hook.mode, hook.counters['samples'], hook.counters['steps'])\n"
         "print(Hook.__module__, 'torch' in sys.modules)\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["embedded", "6", "3", "looptune.tuners.hook", "False"], r.stdout + r.stderr
+    assert r.stdout.split() == ["embedded", "6", "3", "looptune.tuners.hook.api", "False"], r.stdout + r.stderr
 
 
 def test_cli_version(installed: Installed) -> None:

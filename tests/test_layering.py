@@ -65,9 +65,7 @@ RULES: tuple[Rule, ...] = (
          exclude=("looptune/__init__.py", "looptune/__main__.py")),
     # Collectors sample and expose; they never run torch or a tuner.
     Rule("collectors import neither torch, the tuners nor the daemon", ("collectors/*",),
-         TORCH + ("looptune.tuners", "looptune.daemon") + BARE,
-         # TODO: drop once tuners/protocol.py has moved to looptune/protocol.py (in progress).
-         allowed=("looptune.tuners.protocol",)),
+         TORCH + ("looptune.tuners", "looptune.daemon") + BARE),
     # The hook is the user side: torch only inside functions (importing the hook must work
     # without torch); it may read the config module (the dataclasses a Hook(config=...) takes,
     # the default socket paths), and run collectors and the engine in-process (embedded mode),

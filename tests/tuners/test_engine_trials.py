@@ -66,6 +66,15 @@ def make_job(tuners: list[Any], settings: Settings | None = None, memory: Any = 
     return engine, job
 
 
+def run_trial(job: Job, limit: int = 200) -> None:
+    """Until a trial has started and ended."""
+    for _ in range(limit):
+        job.tick()
+        if job.engine.jobs[KEY].trial is not None:
+            break
+    job.run_until_idle()
+
+
 def run_to(job: Job, phase: Phase, limit: int = 60) -> None:
     for _ in range(limit):
         job.tick()
@@ -96,12 +105,12 @@ def test_a_knob_the_job_changes_itself_fails_the_trial_and_restarts_the_baseline
 
 def test_a_knob_changed_between_trials_restarts_the_baseline() -> None:
     engine, job = make_job([ScriptTuner([])], curve=rates({0: 100.0, 3: 300.0}))
-    job.run(5)
+    job.run(6)            # the first report opens the first window
     assert engine.jobs[KEY].steady == [100.0] * 5
     job.knobs["num_workers"] = 3
     job.tick()
     assert engine.jobs[KEY].steady == []
-    job.run(3)
+    job.run(3)            # the report that showed the change opens the first window at 3
     assert engine.jobs[KEY].steady == [300.0] * 3
 
 
@@ -143,7 +152,7 @@ def test_a_loss_above_its_trend_rolls_back(jump: float, outcome: str) -> None:
 
     engine, job = make_job([ScriptTuner([4])], settings=Settings(baseline_windows=5), loss=loss,
                            curve=rates({0: 100.0, 4: 200.0}))
-    job.run_until_idle()
+    run_trial(job)
     last = engine.jobs[KEY].history[-1]
     assert last["outcome"] == outcome, last
     if outcome == "rolled_back":
@@ -158,7 +167,7 @@ CYCLE = (0.9, 1.0, 1.1)       # a deterministic jitter: median 1, median absolut
 def test_a_gain_inside_the_noise_is_measured_longer_and_kept() -> None:
     s = Settings(baseline_windows=10, measure_windows=3, max_extensions=3)
     engine, job = make_job([ScriptTuner([4])], settings=s, cycle=CYCLE, curve=rates({0: 100.0, 4: 113.0}))
-    job.run_until_idle()
+    run_trial(job)
     last = engine.jobs[KEY].history[-1]
     assert last["outcome"] == "kept" and last["gain"] == pytest.approx(0.13)
     measured = job.phases.count("measure")
@@ -170,7 +179,7 @@ def test_a_gain_inside_the_noise_is_measured_longer_and_kept() -> None:
 def test_without_extensions_the_same_gain_is_rolled_back() -> None:
     s = Settings(baseline_windows=10, measure_windows=3, max_extensions=0)
     engine, job = make_job([ScriptTuner([4])], settings=s, cycle=CYCLE, curve=rates({0: 100.0, 4: 113.0}))
-    job.run_until_idle()
+    run_trial(job)
     assert engine.jobs[KEY].history[-1]["outcome"] == "rolled_back"
 
 
@@ -186,7 +195,7 @@ def test_the_noise_bar_narrows_with_more_windows() -> None:
 def test_measurement_starts_when_the_new_setting_is_warm() -> None:
     # 8 new workers: 4 windows before each has delivered, at a fraction of the old rate
     engine, job = make_job([ScriptTuner([8])], curve=rates({0: 100.0, 8: 300.0}), settling_windows=4, ramp=20.0)
-    job.run_until_idle()
+    run_trial(job)
     last = engine.jobs[KEY].history[-1]
     assert last["outcome"] == "kept" and last["gain"] == pytest.approx(2.0)
     assert job.phases.count("settle") >= 4
@@ -211,7 +220,7 @@ def test_leading_windows_still_climbing_are_not_measured() -> None:
     def no_flag() -> Observation:
         return dataclasses.replace(orig(), settling=())
     job.observation = no_flag                  # type: ignore[method-assign]
-    job.run_until_idle()
+    run_trial(job)
     last = engine.jobs[KEY].history[-1]
     assert last["outcome"] == "kept" and last["gain"] == pytest.approx(1.0)
 

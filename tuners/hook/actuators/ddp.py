@@ -46,8 +46,9 @@ class CommTimer:
                 self._done = 0.0
 
 
-def timed_allreduce(state: CommTimer, bucket: Any) -> Any:
-    """DDP's default all-reduce (mean over ranks), timed; signature of a DDP comm hook."""
+def timed_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+    """DDP's default all-reduce (mean over ranks), timed. Unannotated on purpose: DDP checks a comm
+    hook's annotations, and under `from __future__ import annotations` they would be strings."""
     import torch.distributed as dist
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     tensor = bucket.buffer()
