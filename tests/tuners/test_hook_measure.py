@@ -492,3 +492,75 @@ def test_a_watched_loader_can_be_copied(make_hook: Callable[..., Hook]) -> None:
     assert [b[1].tolist() for b in dup] == [[0, 1], [2, 3], [4, 5]]
     assert dup.batch_size == 2
     assert hook.counters["batches"] == 3
+
+
+# ---- the hook's shape: actuators, models, decisions for a later step ----
+
+def test_add_actuator_checks_the_knob_name(make_hook: Callable[..., Hook]) -> None:
+    hook = make_hook(tune=False)
+    with pytest.raises(ValueError, match="knob 'Bad Knob'"):
+        hook.add_actuator("Bad Knob", lambda: 1, lambda v: None)
+    hook.add_actuator("good_knob", lambda: 7, lambda v: None)
+    assert hook.knobs["good_knob"] == 7 and "good_knob" in hook.actuators
+
+
+def test_a_decision_for_a_later_step_waits_for_it(make_hook: Callable[..., Hook]) -> None:
+    hook = make_hook(tune=False)
+    state = {"value": 1}
+    hook.add_actuator("test_knob", lambda: state["value"], lambda v: state.update(value=v))
+    hook._queue_decision(protocol.check_decision({"id": 3, "knob": "test_knob", "value": 4, "at_step": 5}))
+    seen = []
+    for _ in range(7):
+        hook.step()
+        seen.append(state["value"])
+    # applied at the boundary of step 5, before the 6th step's batch
+    assert seen == [1, 1, 1, 1, 4, 4, 4]
+    assert [(d.knob, d.step) for d in hook.decisions] == [("test_knob", 5)]
+
+
+def test_watching_a_model_returns_it_unchanged(make_hook: Callable[..., Hook]) -> None:
+    hook = make_hook(tune=False)
+    model = torch.nn.Linear(4, 2)
+    assert hook.watch(model) is model and hook.module is model
+    assert hook.errors == 0
+    assert "comm_seconds" not in hook.report()["counters"]       # not DDP: no communication figure
+
+
+def test_the_loader_reports_settling_until_every_new_worker_delivered(make_hook: Callable[..., Hook]) -> None:
+    hook = make_hook(tune=False)
+    loader = hook.watch(DataLoader(Items(64), batch_size=2))
+    settling = []
+    for i, _ in enumerate(loader):
+        if i == 3:
+            hook._queue_decision(_decision("num_workers", 3, 1))
+        hook.step()
+        settling.append(hook.report()["settling"])
+        if i == 12:
+            break
+    assert hook.knobs["num_workers"] == 3
+    # applied at the step after batch 3; its 3 new workers deliver the next 3 batches
+    assert settling[:3] == [[]] * 3
+    assert settling[3:6] == [["num_workers", "prefetch_factor"]] * 3
+    assert settling[6:] == [[]] * 7
+    hook.close()
+
+
+def test_embedded_mode_has_the_gpu_figures_of_its_own_process(make_hook: Callable[..., Hook],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from fakes.fake_pynvml import TRACE_DIR, FakeNVML, install
+    fake = install(monkeypatch, FakeNVML.from_trace(TRACE_DIR / "h200_x2.json"))
+    fake.set_processes(0, [{"pid": os.getpid(), "used_gpu_memory": 75 * 2**30, "sm_util": 40, "mem_util": 10}])
+    fake.set_processes(1, [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    hook = make_hook(tune=False)
+    assert hook.mode == "embedded"
+    hook._channel.stop()                   # the test drives the embedded ticks itself
+    for _ in hook.watch(DataLoader(Items(8), batch_size=2)):
+        hook.step()
+    for _ in range(3):
+        fake.advance(1.0)
+        hook.embedded.tick()
+    obs = hook.engine.jobs[("self",)].last_obs
+    assert obs.gpu_utilization == pytest.approx(0.40)
+    total = fake.device(0)["memory"]["total"]
+    assert obs.gpu_memory_used_share == pytest.approx(75 * 2**30 / total)
