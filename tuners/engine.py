@@ -44,6 +44,7 @@ class Observation:
     main_rss_bytes: int | None = None
     host_available_bytes: int | None = None
     comm_share: float | None = None
+    cpu_cores_demand: float | None = None        # cores run + waited on a run queue (schedstat)
 
 
 @dataclass(frozen=True)
@@ -368,4 +369,5 @@ def _window(a: Observation, b: Observation) -> Window | None:
                   data_wait_share=min(1.0, max(0.0, (cb["data_wait_seconds"] - ca["data_wait_seconds"]) / dstep)),
                   step_seconds_mean=dstep / dsteps, cpu_cores_used=b.cpu_cores_used,
                   cpu_cores_allowed=b.cpu_cores_allowed, gpu_utilization=b.gpu_utilization,
-                  gpu_memory_used_share=b.gpu_memory_used_share, comm_share=b.comm_share)
+                  gpu_memory_used_share=b.gpu_memory_used_share, comm_share=b.comm_share,
+                  cpu_cores_demand=b.cpu_cores_demand)
