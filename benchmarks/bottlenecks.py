@@ -461,13 +461,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HOG = """
-import os, sys
+import os
 pid = os.fork()
 if pid:
     print(pid, flush=True)
     os._exit(0)
 os.setsid()
-sys.stdout.close()
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 1)          # let the parent's reader see the end of the pipe
 while True:
     pass
 """
