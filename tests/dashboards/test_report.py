@@ -318,6 +318,9 @@ def test_render_a_page_from_the_stub(stub: StubPrometheus, tmp_path: Path) -> No
     assert "num_workers 0→4;" in summary and "samples/s ×2.0 (100 → 200)" in summary, summary
     assert "<td>num_workers</td><td>0 → 4</td><td>0</td><td>workers</td><td>kept</td>" in page
     assert not list((tmp_path / "out").glob("*.tmp"))
+    # what each verdict means, from looptune.verdicts, under the verdict panel
+    for kind in verdicts.KINDS:
+        assert f"<b>{kind}</b>: {verdicts.DESCRIPTIONS[kind]}" in page, kind
     # the report asked for exactly the dashboard's queries, with the run and a rate window filled in
     assert any('looptune_job_samples_total{run="r", rank=~".*"}[4s]' in c for c in stub.calls), stub.calls
 
