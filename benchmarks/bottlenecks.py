@@ -396,7 +396,8 @@ def report(results: list[Result], iters_per_ms: float) -> tuple[str, float]:
     lines.append(f"windows where other processes used < {(1 - bottleneck.CPU_SATURATED) * NCPU:.1f} cores: "
                  f"{len(calm)}/{total}" + (f", accuracy {calm_right / len(calm):.1%}" if calm else ""))
     lines.append("figures are medians over the judged windows: wait = data-wait share of step time; "
-                 "cpu/allowed = process-tree CPU (cores) over the cores allowed; host busy = all CPUs; "
+                 "used/allowed = process-tree CPU used (cores) over the cores allowed; demand/allowed = cores its "
+                 "threads ran + waited on a run queue, over the same; host busy = all CPUs; "
                  "others = cores used by other processes")
     lines.append(f"thresholds: input when wait >= {bottleneck.INPUT_WAIT_SHARE:.2f}; cpu when demand/allowed >= "
                  f"{bottleneck.CPU_SATURATED:.2f}; CPU work calibrated at {iters_per_ms:.0f} iterations/ms")
