@@ -4,8 +4,8 @@
 Each workload is a real torch DataLoader and training loop with the control hook in
 measure-only mode: `Hook(run=..., socket=<nothing listening>, tune=False)`. With no daemon the
 hook runs the engine embedded (tuners.hook.Hook._embedded_tick): every report (1 s) becomes an
-Observation of this process tree (CPU from psutil, cores allowed from affinity and the cgroup
-quota), the engine cuts it into windows and gives each window a verdict; tune=False means no
+Observation of this process tree (CPU used from psutil, CPU demand from schedstat, cores allowed
+from affinity and the cgroup quota), the engine cuts it into windows and gives each window a verdict; tune=False means no
 tuner is asked for a change, so the loader keeps its setting. A poller thread reads
 `hook._engine.verdicts()` each time the engine adds a window; the first --warmup seconds are
 not judged (workers starting, caches warming).
@@ -27,16 +27,18 @@ The light steps run with 1 torch intra-op thread (idle OpenMP threads spin-wait 
 small op and would burn a core no GPU training step burns); the compute-bound step uses all.
 
 Accuracy = the share of judged windows whose verdict is the expected one; the goal is >= 90%
-over all windows (the issue's goal). Next to the verdicts, the table's figures are medians
-over the judged windows: data-wait share, process-tree CPU over the cores allowed, samples/s,
-the host's CPU busy share and the cores other processes used (on a shared machine they take
-cores the job needs, and the rule, which reads the job's own CPU, cannot see it). Two more
-lines help read a miss: the accuracy over the windows where other processes used under
-(1 - CPU_SATURATED) of the host, and a what-if that is NOT the engine's verdict: the same
-rule fed the tree's CPU demand (time its threads ran plus time they waited on a run queue,
-from /proc/*/task/*/schedstat) instead of the CPU it got.
+over all windows (the issue's goal), on a quiet host and beside a CPU hog (--load N starts N
+processes outside the job's tree that each burn a core for the whole run: a neighbour). Next
+to the verdicts, the table's figures are medians over the judged windows: data-wait share,
+process-tree CPU used and demanded (time its threads ran plus time they waited on a run
+queue, schedstat) over the cores allowed, samples/s, the host's CPU busy share and the cores
+other processes used. The engine's cpu rule reads demand: beside a hog the job's use falls
+while it still wants the CPU. Two more lines help read a miss: the accuracy over the windows
+where other processes used under (1 - CPU_SATURATED) of the host, and a what-if that is NOT
+the engine's verdict: the same rule fed the CPU used alone (the rule before demand).
 
     python benchmarks/bottlenecks.py                    # ~75 s
+    python benchmarks/bottlenecks.py --load 1           # the same beside a process burning a core
     python benchmarks/bottlenecks.py --seconds 20 --workloads latency,saturated
     python benchmarks/bottlenecks.py --json out.json
 
@@ -51,6 +53,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -171,42 +174,6 @@ class MatmulStep:
 
 # ---- the suite ----
 
-class TreeDemand:
-    """CPU demand of this process tree, in cores: time its threads ran plus time they waited on a
-    run queue (runnable, not running), from /proc/<pid>/task/<tid>/schedstat. Unlike CPU used, it
-    does not drop when other processes hold the cores. For the what-if column only."""
-
-    def __init__(self) -> None:
-        self.last: dict[int, int] = {}
-        self.at = time.monotonic()
-
-    def _read(self) -> dict[int, int]:
-        me = psutil.Process()
-        pids = [me.pid] + [c.pid for c in me.children(recursive=True)]
-        out: dict[int, int] = {}
-        for pid in pids:
-            try:
-                tids = os.listdir(f"/proc/{pid}/task")
-            except OSError:
-                continue
-            for tid in tids:
-                try:
-                    with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
-                        run_ns, wait_ns = f.read().split()[:2]
-                except (OSError, ValueError):
-                    continue
-                out[int(tid)] = int(run_ns) + int(wait_ns)
-        return out
-
-    def sample(self) -> float | None:
-        now, cur = time.monotonic(), self._read()
-        dt = now - self.at
-        prev, self.last, self.at = self.last, cur, now
-        if not prev or dt <= 0:
-            return None
-        return sum(v - prev.get(tid, 0) for tid, v in cur.items() if v >= prev.get(tid, 0)) / 1e9 / dt
-
-
 @dataclass
 class Workload:
     key: str
@@ -260,8 +227,8 @@ class Judged:
     samples_per_second: float
     host_busy: float | None  # host CPU busy share over the window (psutil), for context
     others: float | None     # cores other processes used: host busy x CPUs - this tree's cores
-    cpu_demand: float | None = None   # cores this tree ran + waited to run (schedstat), what-if only
-    verdict_demand: str = ""          # the same rule with cpu_demand in place of cpu_cores_used
+    cpu_demand: float | None = None   # cores this tree ran + waited to run (schedstat)
+    verdict_use: str = ""             # what-if: the same rule with CPU used alone (no demand)
 
     @property
     def contended(self) -> bool:
@@ -300,7 +267,6 @@ def run(w: Workload, seconds: float, warmup: float, tmp: Path) -> Result:
     def poll() -> None:
         seen = 0
         psutil.cpu_percent(None)
-        demand = TreeDemand()
         while not stop.wait(0.02):
             eng = hook._engine
             job = eng.jobs.get(("self",)) if eng is not None else None
@@ -310,17 +276,15 @@ def run(w: Workload, seconds: float, warmup: float, tmp: Path) -> Result:
             windows = list(job.windows)
             v = eng.verdicts()[("self",)]
             host = psutil.cpu_percent(None) / 100.0
-            dem = demand.sample()
             for win in windows[seen:]:
                 if time.monotonic() - t_start - win.seconds < warmup:
                     continue           # the window began during the warm-up
                 j = Judged(v if win is windows[-1] else bottleneck.verdict(win), win.seconds,
                            bottleneck.verdict(win), win.data_wait_share, win.cpu_cores_used,
                            win.cpu_cores_allowed, win.samples_per_second, host,
-                           None if win.cpu_cores_used is None else max(0.0, host * NCPU - win.cpu_cores_used))
-                if dem is not None and win is windows[-1]:
-                    j.cpu_demand = dem
-                    j.verdict_demand = bottleneck.verdict(dataclasses.replace(win, cpu_cores_used=dem))
+                           None if win.cpu_cores_used is None else max(0.0, host * NCPU - win.cpu_cores_used),
+                           win.cpu_cores_demand,
+                           bottleneck.verdict(dataclasses.replace(win, cpu_cores_demand=None)))
                 judged.append(j)
             seen = len(windows)
 
@@ -381,18 +345,22 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 
 
 def report(results: list[Result], iters_per_ms: float) -> tuple[str, float]:
-    rows = [("workload", "expected", "verdicts observed (counts)", "accuracy", "wait", "cpu/allowed",
-             "samples/s", "host busy", "others")]
+    rows = [("workload", "expected", "verdicts observed (counts)", "accuracy", "wait", "used/allowed",
+             "demand/allowed", "samples/s", "host busy", "others")]
     for r in results:
         counts = ", ".join(f"{k} {n}" for k, n in r.counts.most_common())
         share = _median([w.cpu_cores_used / w.cpu_cores_allowed if w.cpu_cores_used is not None
                          and w.cpu_cores_allowed else None for w in r.windows])
+        dshare = _median([w.cpu_demand / w.cpu_cores_allowed if w.cpu_demand is not None
+                          and w.cpu_cores_allowed else None for w in r.windows])
         used = _median([w.cpu_cores_used for w in r.windows])
+        demand = _median([w.cpu_demand for w in r.windows])
         allowed = _median([w.cpu_cores_allowed for w in r.windows])
         rows.append((r.name, r.expected, counts or "(no window)",
                      f"{r.accuracy:.0%} ({r.counts[r.expected]}/{len(r.windows)})",
                      _fmt(_median([w.data_wait_share for w in r.windows])),
                      f"{_fmt(share)} ({_fmt(used, '.2f')}/{_fmt(allowed, 'g')})",
+                     f"{_fmt(dshare)} ({_fmt(demand, '.2f')}/{_fmt(allowed, 'g')})",
                      _fmt(_median([w.samples_per_second for w in r.windows]), ".0f"),
                      _fmt(_median([w.host_busy for w in r.windows])),
                      _fmt(_median([w.others for w in r.windows]))))
@@ -407,28 +375,31 @@ def report(results: list[Result], iters_per_ms: float) -> tuple[str, float]:
     lines.append(f"overall accuracy: {overall:.1%} ({right}/{total} windows; mean of workloads {macro:.1%}); "
                  f"goal >= {GOAL:.0%}: {'PASS' if overall >= GOAL else 'FAIL'}")
     lines.append("")
-    lines.append("what-if (not the engine's verdicts): the same rule with CPU demand (cores the tree ran + "
-                 "waited to run, schedstat) in place of CPU used")
+    nodemand = sum(1 for r in results for w in r.windows if w.cpu_demand is None)
+    if nodemand:
+        lines.append(f"{nodemand}/{total} windows had no CPU demand (no schedstat, or the first window): "
+                     "the rule read CPU used there")
+    lines.append("what-if (not the engine's verdicts): the same rule with CPU used alone, no demand")
     for r in results:
-        ws = [w for w in r.windows if w.verdict_demand]
+        ws = [w for w in r.windows if w.verdict_use]
         if ws:
-            c = Counter(w.verdict_demand for w in ws)
-            lines.append(f"  {r.name}: {', '.join(f'{k} {n}' for k, n in c.most_common())}; demand/allowed "
-                         f"{_fmt(_median([w.cpu_demand / w.cpu_cores_allowed for w in ws if w.cpu_cores_allowed]))}"
+            c = Counter(w.verdict_use for w in ws)
+            lines.append(f"  {r.name}: {', '.join(f'{k} {n}' for k, n in c.most_common())}"
                          f"; accuracy {c[r.expected] / len(ws):.0%} ({c[r.expected]}/{len(ws)})")
-    dw = [(r, w) for r in results for w in r.windows if w.verdict_demand]
-    if dw:
-        lines.append(f"  overall: {sum(w.verdict_demand == r.expected for r, w in dw) / len(dw):.1%} "
-                     f"({sum(w.verdict_demand == r.expected for r, w in dw)}/{len(dw)} windows)")
+    uw = [(r, w) for r in results for w in r.windows if w.verdict_use]
+    if uw:
+        lines.append(f"  overall: {sum(w.verdict_use == r.expected for r, w in uw) / len(uw):.1%} "
+                     f"({sum(w.verdict_use == r.expected for r, w in uw)}/{len(uw)} windows)")
     lines.append("")
     calm = [w for r in results for w in r.windows if not w.contended]
     calm_right = sum(1 for r in results for w in r.windows if not w.contended and w.verdict == r.expected)
     lines.append(f"windows where other processes used < {(1 - bottleneck.CPU_SATURATED) * NCPU:.1f} cores: "
                  f"{len(calm)}/{total}" + (f", accuracy {calm_right / len(calm):.1%}" if calm else ""))
     lines.append("figures are medians over the judged windows: wait = data-wait share of step time; "
-                 "cpu/allowed = process-tree CPU (cores) over the cores allowed; host busy = all CPUs; "
+                 "used/allowed = process-tree CPU used (cores) over the cores allowed; demand/allowed = cores its "
+                 "threads ran + waited on a run queue, over the same; host busy = all CPUs; "
                  "others = cores used by other processes")
-    lines.append(f"thresholds: input when wait >= {bottleneck.INPUT_WAIT_SHARE:.2f}; cpu when cpu/allowed >= "
+    lines.append(f"thresholds: input when wait >= {bottleneck.INPUT_WAIT_SHARE:.2f}; cpu when demand/allowed >= "
                  f"{bottleneck.CPU_SATURATED:.2f}; CPU work calibrated at {iters_per_ms:.0f} iterations/ms")
     for r in results:
         if r.note:
@@ -440,7 +411,7 @@ def report(results: list[Result], iters_per_ms: float) -> tuple[str, float]:
         misses = [w for w in r.windows if w.verdict != r.expected]
         for w in misses[:6]:
             lines.append(f"  miss, {r.key}: {w.verdict:<6} wait {w.data_wait_share:.2f}  cpu "
-                         f"{_fmt(w.cpu_cores_used)}/{_fmt(w.cpu_cores_allowed, 'g')}  "
+                         f"{_fmt(w.cpu_cores_used)}/{_fmt(w.cpu_cores_allowed, 'g')}  demand {_fmt(w.cpu_demand)}  "
                          f"host busy {_fmt(w.host_busy)}  others {_fmt(w.others)}  "
                          f"{w.samples_per_second:.0f} samples/s")
     return "\n".join(lines), overall
@@ -453,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="", help="comma-separated keys: latency,transforms,saturated,"
                                                     "compute,balanced (default all)")
     ap.add_argument("--json", default="", help="also write the windows and results here")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="run beside N processes that each burn a core (a CPU hog outside the job's tree)")
     args = ap.parse_args(argv)
     logging_quiet()
     iters_per_ms = calibrate(0.01) / 10.0
@@ -463,16 +436,22 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
         suite = [w for w in suite if w.key in keys]
+    hogs = [start_hog() for _ in range(args.load)]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, intra-op threads 1 (compute-bound: {NCPU}), "
           f"load average {os.getloadavg()[0]:.1f}; {args.seconds:g} s per workload, first {args.warmup:g} s "
-          "not judged", flush=True)
+          f"not judged; " + (f"beside {len(hogs)} CPU hog(s) (pids {', '.join(map(str, hogs))})" if hogs
+                             else "no CPU hog"), flush=True)
     results = []
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="lt-bn-", dir="/tmp") as d:
-        for w in suite:
-            r = run(w, args.seconds, args.warmup, Path(d))
-            print(f"  {w.name}: {len(r.windows)} windows, {dict(r.counts)}", flush=True)
-            results.append(r)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lt-bn-", dir="/tmp") as d:
+            for w in suite:
+                r = run(w, args.seconds, args.warmup, Path(d))
+                print(f"  {w.name}: {len(r.windows)} windows, {dict(r.counts)}", flush=True)
+                results.append(r)
+    finally:
+        for pid in hogs:
+            stop_hog(pid)
     text, overall = report(results, iters_per_ms)
     print()
     print(text)
@@ -480,6 +459,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([{**asdict(r), "accuracy": r.accuracy} for r in results], indent=1))
     return 0 if overall >= GOAL else 1
+
+
+HOG = """
+import os
+pid = os.fork()
+if pid:
+    print(pid, flush=True)
+    os._exit(0)
+os.setsid()
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 1)          # let the parent's reader see the end of the pipe
+while True:
+    pass
+"""
+
+
+def start_hog() -> int:
+    """A process that burns one core, outside this process tree (its parent exits at once, so it is
+    not a child the job collector would count as the job's): a neighbour. Returns its pid."""
+    out = subprocess.run([sys.executable, "-c", HOG], stdout=subprocess.PIPE, check=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=30)
+    return int(out.stdout.split()[0])
+
+
+def stop_hog(pid: int) -> None:
+    import signal
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def logging_quiet() -> None:

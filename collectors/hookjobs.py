@@ -14,6 +14,7 @@ from prometheus_client.metrics_core import Metric
 
 from looptune import schema
 from looptune.protocol import STEP_BUCKETS
+from looptune.verdicts import KINDS
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class HookJobsCollector:
         pass
 
 
-BOTTLENECK_KINDS = ("input", "cpu", "gpu", "memory_headroom", "communication", "none")
+BOTTLENECK_KINDS = KINDS      # looptune.verdicts: one definition for the engine, exporter and dashboards
 
 
 def tuner_families(outcomes: dict[tuple[str, str, str, str], int],

@@ -6,8 +6,17 @@ by pid alone. Its tree is every descendant (DataLoader workers included), except
 are jobs of their own. Counters stay monotonic when workers exit: the last reading of a
 process that leaves is kept in the job's retired totals.
 
+CPU demand is what the tree's threads ran plus what they waited on a run queue, from
+/proc/PID/task/TID/schedstat (nanoseconds; run time, run-queue wait, timeslices). Beside a
+neighbour that holds the cores a job's CPU use falls while it still wants the CPU; its demand
+does not. Threads are summed one by one (a process's own schedstat is its main thread only)
+and a thread that exits leaves its last reading in its process's total, as a process leaves
+its own in the job's. A kernel without schedstat (no CONFIG_SCHED_INFO: the file is absent;
+sched_info off: it reads zeros) gives no demand: None, never an error.
+
 Cost per sample: one listdir of /proc, one read of command line and environment per *new*
-process (cached by pid and create time), and reads of the job members only. USS and PSS walk
+process (cached by pid and create time), and reads of the job members only (one listdir of
+its task/ folder and one small read per thread for the demand). USS and PSS walk
 the page tables, so they are read every `memory_detail_interval` seconds.
 """
 from __future__ import annotations
@@ -27,6 +36,58 @@ log = logging.getLogger("looptune.jobs")
 
 ENV_KEYS = ("LOOPTUNE_RUN", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE")
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.:-]+")
+
+
+def parse_schedstat(text: str) -> tuple[int, int] | None:
+    """(ns on a CPU, ns waiting on a run queue) from a schedstat line ("run wait timeslices");
+    None when it is not two non-negative integers first."""
+    parts = text.split()
+    if len(parts) < 2:
+        return None
+    try:
+        run, wait = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if run < 0 or wait < 0:
+        return None
+    return run, wait
+
+
+def read_schedstat(pid: int, proc: str = "/proc") -> dict[int, int] | None:
+    """Thread id -> ns run + ns waited on a run queue, for every thread of the process.
+
+    None when there is no figure: the process is gone, the kernel has no schedstat (the file is
+    absent without CONFIG_SCHED_INFO, and reads "0 0 0" with sched_info off: the main thread of a
+    process that ran has run for more than 0 ns), or a line is malformed. A thread that exits
+    between the listing and its read is left out (its process keeps its last reading)."""
+    try:
+        with open(f"{proc}/{pid}/schedstat", encoding="ascii") as f:
+            main = parse_schedstat(f.read())
+        tids = os.listdir(f"{proc}/{pid}/task")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if main is None or main == (0, 0):
+        return None
+    out: dict[int, int] = {}
+    for name in tids:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{pid}/task/{name}/schedstat", encoding="ascii") as f:
+                text = f.read()
+        except OSError:
+            continue
+        except UnicodeDecodeError:
+            return None
+        v = parse_schedstat(text)
+        if v is None:
+            return None
+        out[int(name)] = v[0] + v[1]
+    return out
+
+
+def _no_schedstat(pid: int) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -51,6 +112,9 @@ class _Entry:
     pss: int | None = None
     detail_at: float = float("-inf")
     rss: int = 0
+    threads: dict[int, int] = field(default_factory=dict)   # tid -> ns run + waited at the last reading
+    threads_gone_ns: int = 0            # last readings of the threads that exited
+    demand_ns: int | None = None        # the process's demand at its last complete reading
 
 
 @dataclass
@@ -60,6 +124,9 @@ class _Retired:
     last_cpu: tuple[float, float] = (0.0, 0.0)  # exported values, kept monotonic
     last_io: tuple[int, int] = (0, 0)
     rate_at: tuple[float, float] | None = None  # (monotonic, cpu seconds) for the CPU rate
+    demand_ns: int = 0                          # demand of the processes that left
+    last_demand: float = 0.0                    # exported seconds, kept monotonic
+    demand_at: tuple[float, float] | None = None   # (monotonic, demand seconds) for the demand rate
 
 
 @dataclass(frozen=True)
@@ -81,6 +148,8 @@ class JobSample:
     cpu_cores: float | None = None   # CPU use over the last sample interval, in cores
     worker_uss_bytes: int | None = None   # USS of the tree without its root (loader workers)
     root_rss_bytes: int | None = None
+    cpu_demand_seconds: float | None = None   # run + run-queue wait of the tree's threads, cumulative
+    cpu_cores_demand: float | None = None     # the same over the last sample interval, in cores
 
 
 @dataclass(frozen=True)
@@ -113,13 +182,17 @@ class JobsCollector:
                  registered: Callable[[], dict[int, tuple[str, str, str]]] | None = None,
                  memory_detail_interval: float = 10.0, max_jobs: int = 64, discover_after: float = 0.0,
                  ps: Any = psutil,
-                 self_pid: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 self_pid: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 schedstat: Callable[[int], dict[int, int] | None] | None = None) -> None:
         self.discover_after = discover_after   # seconds a found process waits for its hook to name it
         self.configure(patterns, memory_detail_interval, max_jobs)
         self._gpu_processes = gpu_processes
         self._registered = registered     # pid -> (run, rank, world_size) from connected hooks
         self._hooked: dict[int, tuple[str, str, str]] = {}
         self._ps = ps
+        # thread id -> ns run + waited, per pid (read_schedstat); a fake process table has no /proc
+        self._schedstat = schedstat if schedstat is not None else \
+            (read_schedstat if ps is psutil else _no_schedstat)
         self._self_pid = os.getpid() if self_pid is None else self_pid
         self._clock = clock
         self._cache: dict[int, _Entry] = {}
@@ -181,6 +254,8 @@ class JobsCollector:
             return
         r.cpu[0] += e.cpu[0]
         r.cpu[1] += e.cpu[1]
+        if e.demand_ns is not None:
+            r.demand_ns += e.demand_ns
         if e.io is not None:
             r.io[0] += e.io[0]
             r.io[1] += e.io[1]
@@ -293,6 +368,7 @@ class JobsCollector:
         pss: int | None = 0
         io_r: int | None = 0
         io_w: int | None = 0
+        demand: int | None = 0
         for e in members:
             try:
                 with e.proc.oneshot():
@@ -325,6 +401,8 @@ class JobsCollector:
             e.cpu = (float(t.user), float(t.system))
             e.job = root.id
             live.append(e)
+            d = self._demand(e)
+            demand = None if demand is None or d is None else demand + d
             user += e.cpu[0]
             system += e.cpu[1]
             uss = None if uss is None or e.uss is None else uss + e.uss
@@ -341,6 +419,14 @@ class JobsCollector:
         if r.rate_at is not None and now > r.rate_at[0]:
             cores = (cpu[0] + cpu[1] - r.rate_at[1]) / (now - r.rate_at[0])
         r.rate_at = (now, cpu[0] + cpu[1])
+        demand_s = demand_cores = None
+        if demand is not None:
+            demand_s = r.last_demand = max(r.last_demand, (r.demand_ns + demand) / 1e9)
+            if r.demand_at is not None and now > r.demand_at[0]:
+                demand_cores = (demand_s - r.demand_at[1]) / (now - r.demand_at[0])
+            r.demand_at = (now, demand_s)
+        else:
+            r.demand_at = None      # a rate only between two complete readings
         if io_r is not None and io_w is not None:
             io = (max(r.last_io[0], r.io[0] + io_r), max(r.last_io[1], r.io[1] + io_w))
             r.last_io = io
@@ -363,7 +449,22 @@ class JobsCollector:
                          io_write_bytes=r.last_io[1] if io_w is not None else None,
                          gpu=gpu, pids=tuple(e.id.pid for e in live), cpu_cores=cores,
                          worker_uss_bytes=_sum_or_none(e.uss for e in live if e.id != root.id),
-                         root_rss_bytes=root.rss if root in live else None)
+                         root_rss_bytes=root.rss if root in live else None,
+                         cpu_demand_seconds=demand_s, cpu_cores_demand=demand_cores)
+
+    def _demand(self, e: _Entry) -> int | None:
+        """The process's demand in ns (its threads' run + run-queue wait, exited threads
+        included), or None without a reading this time."""
+        threads = self._schedstat(e.id.pid)
+        if threads is None:
+            return None
+        for tid, old in e.threads.items():
+            new = threads.get(tid)
+            if new is None or new < old:     # the thread exited (or its id now names a new one)
+                e.threads_gone_ns += old
+        e.threads = threads
+        e.demand_ns = e.threads_gone_ns + sum(threads.values())
+        return e.demand_ns
 
     # ---- exposition ----
 
@@ -371,6 +472,10 @@ class JobsCollector:
         lab = ["run", "rank"]
         cpu = CounterMetricFamily("looptune_job_cpu_seconds", "CPU time of the job's process tree "
                                   "(DataLoader workers included), seconds.", labels=lab + ["mode"])
+        demand = CounterMetricFamily("looptune_job_cpu_demand_seconds", "CPU demand of the job's process "
+                                     "tree: time its threads ran plus time they waited on a run queue "
+                                     "(schedstat), seconds. Absent where the kernel has no schedstat.",
+                                     labels=lab)
         mem = GaugeMetricFamily("looptune_job_memory_bytes", "Memory of the job's process tree, bytes: rss "
                                 "(counts shared pages once per process), uss (private), pss (shared "
                                 "pages split).", labels=lab + ["kind"])
@@ -387,6 +492,8 @@ class JobsCollector:
             lv = [j.run, j.rank]
             cpu.add_metric(lv + ["user"], j.cpu_user_seconds)
             cpu.add_metric(lv + ["system"], j.cpu_system_seconds)
+            if j.cpu_demand_seconds is not None:
+                demand.add_metric(lv, j.cpu_demand_seconds)
             mem.add_metric(lv + ["rss"], j.rss_bytes)
             if j.uss_bytes is not None:
                 mem.add_metric(lv + ["uss"], j.uss_bytes)
@@ -402,7 +509,7 @@ class JobsCollector:
                 if sm is not None:
                     gsm.add_metric(lv + [str(g)], sm)
             info.add_metric(lv + [j.world_size, str(j.root_pid)], 1)
-        yield from (info, cpu, mem, procs, io, gmem, gsm)
+        yield from (info, cpu, demand, mem, procs, io, gmem, gsm)
 
     def close(self) -> None:
         pass

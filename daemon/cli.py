@@ -119,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from looptune.daemon import report
+    from looptune import report
 
     return report.cli(args)
 
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="HTML page with PNG plots of one training run, from Prometheus "
                        "(needs matplotlib: pip install 'looptune[report]')")
-    from looptune.daemon import report  # argparse only: matplotlib is imported when a report is drawn
+    from looptune import report  # argparse only: matplotlib is imported when a report is drawn
     report.add_arguments(r)
     r.set_defaults(func=cmd_report)
 

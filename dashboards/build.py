@@ -7,7 +7,9 @@ The JSON files are what Grafana imports and provisions; this script is where the
 (tests/dashboards/test_dashboards_schema.py fails when the two drift apart). Standard library
 only. Every query is PromQL against the looptune daemon's metrics and the recording rules in
 dashboards/rules/looptune-recording.yml; rates use `$__rate_interval`, and no query assumes one
-node: job series are told apart by `run` and `rank`, node series by `instance`.
+node: job series are told apart by `run` and `rank`, node series by `instance`. The queries
+`looptune report` draws too come from looptune/promql.py, the verdicts' thresholds from
+looptune/verdicts.py (both plain modules of this repository, imported without installing).
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "grafana"
+if str(HERE.parent) not in sys.path:      # the repository, for looptune.promql and looptune.verdicts
+    sys.path.insert(0, str(HERE.parent))
+
+from looptune import promql as q  # noqa: E402
+from looptune import verdicts  # noqa: E402
 
 SCHEMA_VERSION = 39          # Grafana 10.4 and 11.x; later releases migrate it on load
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -233,15 +240,17 @@ def dashboard(uid: str, title: str, desc: str, panels: list[dict[str, Any]], var
 def job_dashboard() -> dict[str, Any]:
     run = 'run="$run"'
     sel = 'run="$run", rank=~"$rank"'
-    held = f"(0 * looptune_job_gpu_memory_bytes{{{sel}}} + 1)"   # 1 for each GPU a selected rank holds
     panels = [
         row("Overview"),
         stat("Samples/s now", "Training samples per second, all ranks of the run together.",
-             [target(f"sum(rate(looptune_job_samples_total{{{run}}}[{RI}]))")], unit=SAMPLES_UNIT, decimals=1),
+             [target(q.samples_rate(run, by=None))], unit=SAMPLES_UNIT, decimals=1),
         stat("Data-wait share now", "Share of wall time the training loop waited for its next batch "
-             "(mean of the selected ranks). Above 50% the job is input-bound.",
-             [target(f"avg(rate(looptune_job_data_wait_seconds_total{{{sel}}}[{RI}]))")], unit="percentunit",
-             thresholds=[(None, "green"), (0.2, "yellow"), (0.5, "red")]),
+             f"(mean of the selected ranks). From {verdicts.INPUT_WAIT_SHARE:.0%} the tuner engine judges "
+             f"the job input-bound (yellow); above {verdicts.ALERT_INPUT_WAIT_SHARE:.0%} for 15 minutes "
+             "without a tuner decision it raises an alert (red).",
+             [target(f"avg({q.data_wait_share(sel)})")], unit="percentunit",
+             thresholds=[(None, "green"), (verdicts.INPUT_WAIT_SHARE, "yellow"),
+                         (verdicts.ALERT_INPUT_WAIT_SHARE, "red")]),
         stat("Step time p95", "95th percentile of the time between optimizer steps, selected ranks.",
              [target(f"histogram_quantile(0.95, sum by (le) (rate(looptune_job_step_seconds_bucket{{{sel}}}[{RI}])))")],
              unit="s"),
@@ -250,7 +259,7 @@ def job_dashboard() -> dict[str, Any]:
               target(f"count(count by (instance) (looptune_job_info{{{run}}}))", "nodes")],
              text="value_and_name"),
         stat("Bottleneck now", "The tuner engine's current verdict: how many selected ranks hold each one.",
-             [target(f"sum by (kind) (looptune_job_bottleneck{{{sel}}}) > 0", "{{kind}}")],
+             [target(f"{q.bottleneck_ranks(sel)} > 0", "{{kind}}")],
              text="value_and_name"),
         stat("Hooks", "Hooks connected to their daemon, and hooks that disabled themselves after "
              "repeated errors (training goes on unmeasured).",
@@ -260,21 +269,18 @@ def job_dashboard() -> dict[str, Any]:
 
         row("Throughput and step time"),
         timeseries("Samples/s", "Training samples per second, per rank and for the whole run.",
-                   [target(f"sum by (instance, rank) (rate(looptune_job_samples_total{{{sel}}}[{RI}]))",
-                           "rank {{rank}}"),
-                    target(f"sum(rate(looptune_job_samples_total{{{run}}}[{RI}]))", "whole run")],
+                   [target(q.samples_rate(sel), "rank {{rank}}"),
+                    target(q.samples_rate(run, by=None), "whole run")],
                    unit=SAMPLES_UNIT),
         timeseries("Data-wait share", "Share of wall time each rank's loop waited for the next batch "
                    "from its DataLoader. High: the job is input-bound; more DataLoader workers, a "
                    "larger prefetch or faster storage help.",
-                   [target(f"rate(looptune_job_data_wait_seconds_total{{{sel}}}[{RI}])", "rank {{rank}}")],
+                   [target(q.data_wait_share(sel), "rank {{rank}}")],
                    unit="percentunit", lo=0, hi=1),
         timeseries("Step time", "Time between optimizer steps (data wait included): p50 and p95 from "
                    "the step-time histogram, per rank.",
-                   [target(f"histogram_quantile(0.5, sum by (instance, rank, le) "
-                           f"(rate(looptune_job_step_seconds_bucket{{{sel}}}[{RI}])))", "p50 rank {{rank}}"),
-                    target(f"histogram_quantile(0.95, sum by (instance, rank, le) "
-                           f"(rate(looptune_job_step_seconds_bucket{{{sel}}}[{RI}])))", "p95 rank {{rank}}")],
+                   [target(q.step_seconds_quantile(0.5, sel), "p50 rank {{rank}}"),
+                    target(q.step_seconds_quantile(0.95, sel), "p95 rank {{rank}}")],
                    unit="s"),
         timeseries("Optimizer steps/s", "hook.step() calls per second, per rank.",
                    [target(f"sum by (instance, rank) (rate(looptune_job_optimizer_steps_total{{{sel}}}[{RI}]))",
@@ -283,29 +289,26 @@ def job_dashboard() -> dict[str, Any]:
         row("GPU"),
         timeseries("GPU utilization per rank", "SM utilization NVML attributes to the rank's processes, "
                    "and the whole device's utilization of each GPU the rank holds.",
-                   [target(f"looptune_job_gpu_utilization_ratio{{{sel}}}", "rank {{rank}} gpu {{gpu}} (own)"),
-                    target(f"looptune_gpu_utilization_ratio * on (job, instance, gpu) group_right () {held}",
-                           "rank {{rank}} gpu {{gpu}} (device)")],
+                   [target(q.job_gpu_utilization(sel), "rank {{rank}} gpu {{gpu}} (own)"),
+                    target(q.device_gpu_utilization_held(sel), "rank {{rank}} gpu {{gpu}} (device)")],
                    unit="percentunit", lo=0, hi=1),
         timeseries("GPU memory per rank", "GPU memory the rank's processes hold (NVML), and the peaks "
                    "torch.cuda reports from inside the job (allocated by tensors, reserved by the "
                    "caching allocator).",
-                   [target(f"looptune_job_gpu_memory_bytes{{{sel}}}", "rank {{rank}} gpu {{gpu}}"),
-                    target(f'looptune_job_peak_memory_bytes{{{sel}, kind=~"cuda_.*"}}',
-                           "rank {{rank}} peak {{kind}}")],
+                   [target(q.job_gpu_memory(sel), "rank {{rank}} gpu {{gpu}}"),
+                    target(q.peak_memory(sel, 'kind=~"cuda_.*"'), "rank {{rank}} peak {{kind}}")],
                    unit="bytes"),
 
         row("CPU, memory and I/O (DataLoader workers included)"),
         timeseries("Job CPU", "CPU cores used by each rank's process tree, DataLoader workers included.",
-                   [target(f"sum by (instance, rank, mode) (rate(looptune_job_cpu_seconds_total{{{sel}}}[{RI}]))",
-                           "rank {{rank}} {{mode}}")], unit="suffix: cores", stack=True),
+                   [target(q.job_cpu_cores(sel), "rank {{rank}} {{mode}}")], unit="suffix: cores", stack=True),
         timeseries("Processes", "Processes in each rank's tree: the rank itself plus its DataLoader "
                    "workers and other children.",
-                   [target(f"looptune_job_processes{{{sel}}}", "rank {{rank}}")], steps=True, decimals=0),
+                   [target(q.job_processes(sel), "rank {{rank}}")], steps=True, decimals=0),
         timeseries("Job memory", "Memory of each rank's process tree: rss counts shared pages once per "
                    "process, pss splits them, uss is private; max_rss is the peak the hook saw.",
-                   [target(f"looptune_job_memory_bytes{{{sel}}}", "rank {{rank}} {{kind}}"),
-                    target(f'looptune_job_peak_memory_bytes{{{sel}, kind="max_rss"}}', "rank {{rank}} peak rss")],
+                   [target(q.job_memory(sel), "rank {{rank}} {{kind}}"),
+                    target(q.peak_memory(sel, 'kind="max_rss"'), "rank {{rank}} peak rss")],
                    unit="bytes"),
         timeseries("Job storage I/O", "Bytes per second the rank's process tree reads and writes.",
                    [target(f"sum by (instance, rank, direction) (rate(looptune_job_io_bytes_total{{{sel}}}[{RI}]))",
@@ -314,11 +317,11 @@ def job_dashboard() -> dict[str, Any]:
         row("Tuning"),
         state_timeline("Bottleneck verdict", "What holds the job back, per the tuner engine: how many "
                        "of the selected ranks hold each verdict over time.",
-                       [target(f"sum by (kind) (looptune_job_bottleneck{{{sel}}})", "{{kind}}")],
+                       [target(q.bottleneck_ranks(sel), "{{kind}}")],
                        mappings=value_map({"0": ("", "transparent")}), w=24, h=7),
         timeseries("Knob values", "Current value of each numeric knob, per rank (workers, prefetch, "
                    "batch size...). The annotations mark the tuners' decisions and knob changes.",
-                   [target(f"looptune_job_knob{{{sel}}}", "{{knob}} rank {{rank}}")], steps=True, w=12),
+                   [target(q.knob(sel), "{{knob}} rank {{rank}}")], steps=True, w=12),
         table("Textual knobs", "Knobs whose value is a word (gradient compression: none, fp16, bf16, "
               "powersgd), per rank.",
               [target(f"looptune_job_knob_info{{{sel}}}", table=True)], w=6, hide=("Value", "instance")),
@@ -431,19 +434,19 @@ def node_dashboard() -> dict[str, Any]:
         table("Jobs", "Training jobs (one row per rank) on the selected nodes.",
               [target(f"looptune_job_info{{{i}}}", table=True)], w=24, h=6, hide=("Value",)),
         timeseries("Samples/s by job", "Training samples per second of each rank on the node.",
-                   [target(f"sum by (instance, run, rank) (rate(looptune_job_samples_total{{{i}}}[{RI}]))",
-                           "{{run}} rank {{rank}}")], unit=SAMPLES_UNIT, w=8),
+                   [target(q.samples_rate(i, by="instance, run, rank"), "{{run}} rank {{rank}}")],
+                   unit=SAMPLES_UNIT, w=8),
         timeseries("Data-wait share by job", "Share of wall time each rank waited for data.",
-                   [target(f"rate(looptune_job_data_wait_seconds_total{{{i}}}[{RI}])", "{{run}} rank {{rank}}")],
+                   [target(q.data_wait_share(i), "{{run}} rank {{rank}}")],
                    unit="percentunit", lo=0, hi=1, w=8),
         timeseries("CPU by job", "CPU cores used by each rank's process tree (DataLoader workers included).",
-                   [target(f"sum by (instance, run, rank) (rate(looptune_job_cpu_seconds_total{{{i}}}[{RI}]))",
-                           "{{run}} rank {{rank}}")], unit="suffix: cores", w=8),
+                   [target(q.job_cpu_cores(i, by="instance, run, rank"), "{{run}} rank {{rank}}")],
+                   unit="suffix: cores", w=8),
         timeseries("Memory by job", "Resident memory of each rank's process tree.",
                    [target(f'looptune_job_memory_bytes{{{i}, kind="rss"}}', "{{run}} rank {{rank}}")],
                    unit="bytes", w=12),
         timeseries("GPU memory by job", "GPU memory each rank's processes hold, per GPU.",
-                   [target(f"looptune_job_gpu_memory_bytes{{{i}}}", "{{run}} rank {{rank}} gpu {{gpu}}")],
+                   [target(q.job_gpu_memory(i), "{{run}} rank {{rank}} gpu {{gpu}}")],
                    unit="bytes", w=12),
 
         row("looptune daemon"),

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from looptune.daemon.report import Prometheus, ReportError, _require_matplotlib, parse_duration  # noqa: E402
+from looptune.report import Prometheus, ReportError, _require_matplotlib, parse_duration  # noqa: E402
 
 BG, PANEL, TEXT, DIM, GRID = "#111217", "#181b1f", "#ccccdc", "#8e8e9a", "#2c3235"
 PALETTE = ["#73bf69", "#f2cc0c", "#5794f2", "#ff9830", "#f2495c", "#b877d9", "#8ab8ff", "#fade2a",

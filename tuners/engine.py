@@ -74,6 +74,7 @@ class Observation:
     main_rss_bytes: int | None = None
     host_available_bytes: int | None = None
     settling: tuple[str, ...] = ()               # knobs whose new setting is still warming up
+    cpu_cores_demand: float | None = None        # cores run + waited on a run queue (schedstat)
 
 
 @dataclass(frozen=True)
@@ -567,4 +568,5 @@ def _window(a: Observation, b: Observation) -> Window | None:
                   data_wait_share=min(1.0, max(0.0, (cb["data_wait_seconds"] - ca["data_wait_seconds"]) / dstep)),
                   step_seconds_mean=dstep / dsteps, cpu_cores_used=b.cpu_cores_used,
                   cpu_cores_allowed=b.cpu_cores_allowed, gpu_utilization=b.gpu_utilization,
-                  gpu_memory_used_share=b.gpu_memory_used_share, comm_share=comm, loss=cb.get("loss"))
+                  gpu_memory_used_share=b.gpu_memory_used_share, comm_share=comm, loss=cb.get("loss"),
+                  cpu_cores_demand=b.cpu_cores_demand)

@@ -46,6 +46,7 @@ def build(time: float, report: dict[str, Any], job: Any = None, host_available_b
         time=time, counters=report["counters"], knobs=report.get("knobs", {}),
         untunable=report.get("untunable", {}), signature=report.get("signature", ""),
         cpu_cores_used=job.cpu_cores if job is not None else None,
+        cpu_cores_demand=job.cpu_cores_demand if job is not None else None,
         cpu_cores_allowed=allowed if allowed is not None else (cores_allowed(pid) if pid else None),
         gpu_utilization=gpu_util, gpu_memory_used_share=gpu_mem,
         worker_uss_bytes=job.worker_uss_bytes if job is not None else None,

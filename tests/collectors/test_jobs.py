@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from looptune.collectors.jobs import ENV_KEYS, JobSample, JobsCollector, JobsSnapshot, derive_run
+from looptune.collectors.jobs import ENV_KEYS, JobSample, JobsCollector, JobsSnapshot, derive_run, read_schedstat
 
 FAKE = str(Path(__file__).resolve().parent / "fake_train.py")
 RUN = "fake_train"     # derive_run of fake_train.py's command line
@@ -640,3 +640,101 @@ def test_every_tree_member_counted_once_and_counters_monotonic(steps: list[tuple
             if k not in no_io and j.io_read_bytes is not None:
                 assert j.io_read_bytes == sum(p.io[0] for p in members)
                 assert j.io_write_bytes == sum(p.io[1] for p in members)
+
+
+# ---- CPU demand (schedstat), from a fake process table and a fake schedstat reader ----
+
+class FakeSched:
+    """pid -> {tid: ns run + waited}; a pid missing reads as no schedstat (None)."""
+
+    def __init__(self) -> None:
+        self.threads: dict[int, dict[int, int]] = {}
+
+    def __call__(self, pid: int) -> dict[int, int] | None:
+        t = self.threads.get(pid)
+        return None if t is None else dict(t)
+
+
+def demand_setup() -> tuple[FakePs, FakeSched, JobsCollector, list[float], FProc, FProc]:
+    ps, sched, now = FakePs(), FakeSched(), [100.0]
+    ps.spawn(0, ["/sbin/init"], {})
+    main = ps.spawn(1, ["python", "train.py"], {"RANK": "0"})
+    worker = ps.spawn(main.pid, ["python", "train.py"], {"RANK": "0"})
+    c = JobsCollector([r"train\.py"], ps=ps, self_pid=0, memory_detail_interval=0.0, schedstat=sched,
+                      clock=lambda: now[0])
+    return ps, sched, c, now, main, worker
+
+
+def test_demand_is_a_rate_over_the_sample_interval() -> None:
+    ps, sched, c, now, main, worker = demand_setup()
+    sched.threads = {main.pid: {main.pid: 1_000_000_000, 50: 0}, worker.pid: {worker.pid: 500_000_000}}
+    first = c.sample().jobs[0]
+    assert first.cpu_demand_seconds == pytest.approx(1.5) and first.cpu_cores_demand is None
+    # over 2 s: the main thread ran 1 s and waited 1 s, a second thread 1 s, the worker 1 s
+    sched.threads = {main.pid: {main.pid: 3_000_000_000, 50: 1_000_000_000}, worker.pid: {worker.pid: 1_500_000_000}}
+    now[0] += 2.0
+    second = c.sample().jobs[0]
+    assert second.cpu_demand_seconds == pytest.approx(5.5)
+    assert second.cpu_cores_demand == pytest.approx(2.0)
+    reg = exposed(c, c.last)
+    assert reg.get_sample_value("looptune_job_cpu_demand_seconds_total", {"run": "train", "rank": "0"}) == \
+        pytest.approx(5.5)
+
+
+def test_demand_stays_monotonic_when_threads_and_workers_exit() -> None:
+    ps, sched, c, now, main, worker = demand_setup()
+    sched.threads = {main.pid: {main.pid: 10**9, 50: 4 * 10**9}, worker.pid: {worker.pid: 3 * 10**9}}
+    assert c.sample().jobs[0].cpu_demand_seconds == pytest.approx(8.0)
+    # thread 50 exits; the worker exits (a zombie keeps its reading); the main thread runs 1 s more
+    sched.threads = {main.pid: {main.pid: 2 * 10**9}, worker.pid: {worker.pid: 3 * 10**9}}
+    ps.exit(worker.pid)
+    now[0] += 1.0
+    job = c.sample().jobs[0]
+    assert job.cpu_demand_seconds == pytest.approx(9.0)
+    assert job.cpu_cores_demand == pytest.approx(1.0)
+    del ps.procs[worker.pid]         # reaped: its last reading stays in the job's total
+    del sched.threads[worker.pid]
+    # a new thread takes a reused tid: a smaller reading is a new thread, not a step back
+    sched.threads = {main.pid: {main.pid: 2 * 10**9, 50: 10**9}}
+    now[0] += 1.0
+    job = c.sample().jobs[0]
+    assert job.cpu_demand_seconds == pytest.approx(10.0)
+    assert job.cpu_cores_demand == pytest.approx(1.0)
+
+
+def test_no_schedstat_is_none_not_an_error() -> None:
+    ps, sched, c, now, main, worker = demand_setup()
+    for _ in range(2):
+        job = c.sample().jobs[0]
+        now[0] += 1.0
+        assert job.cpu_demand_seconds is None and job.cpu_cores_demand is None
+        assert job.processes == 2
+    assert exposed(c, c.last).get_sample_value("looptune_job_cpu_demand_seconds_total",
+                                               {"run": "train", "rank": "0"}) is None
+    # one member without a reading: the job's demand is unknown, not a partial sum; the rate
+    # starts again from the next two complete readings
+    sched.threads = {main.pid: {main.pid: 10**9}, worker.pid: {worker.pid: 10**9}}
+    assert c.sample().jobs[0].cpu_demand_seconds == pytest.approx(2.0)
+    del sched.threads[worker.pid]
+    now[0] += 1.0
+    assert c.sample().jobs[0].cpu_cores_demand is None
+    sched.threads = {main.pid: {main.pid: 2 * 10**9}, worker.pid: {worker.pid: 2 * 10**9}}
+    now[0] += 1.0
+    job = c.sample().jobs[0]
+    assert job.cpu_demand_seconds == pytest.approx(4.0) and job.cpu_cores_demand is None
+    now[0] += 1.0
+    sched.threads = {main.pid: {main.pid: 3 * 10**9}, worker.pid: {worker.pid: 2 * 10**9}}
+    assert c.sample().jobs[0].cpu_cores_demand == pytest.approx(1.0)
+
+
+def test_a_real_job_has_a_demand(spawn: Any, tag: str) -> None:
+    if read_schedstat(os.getpid()) is None:
+        pytest.skip("no schedstat in this kernel")
+    f = spawn(tag, workers=1)
+    c = collector(tag)
+    first = only(c.sample(), f.pid)
+    assert first.cpu_demand_seconds is not None and first.cpu_demand_seconds > 0
+    assert f.command("burn 0.1") == "burned"
+    second = only(c.sample(), f.pid)
+    assert second.cpu_demand_seconds >= first.cpu_demand_seconds + 0.09
+    assert second.cpu_cores_demand is not None and second.cpu_cores_demand > 0

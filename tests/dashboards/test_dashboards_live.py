@@ -341,7 +341,7 @@ def test_report_of_the_live_run(live: Live) -> None:
         if os.environ.get("LOOPTUNE_REQUIRE_SERVERS") == "1":
             pytest.fail("matplotlib is not installed (pip install '.[report]')")
         pytest.skip("matplotlib is not installed (pip install '.[report]')")
-    from looptune.daemon import report
+    from looptune import report
 
     out = live.workdir / "report"
     index = report.run(live.prom.url, RUN, since="5m", out_dir=out)
@@ -378,7 +378,7 @@ def test_dashboard_pictures(live: Live) -> None:
     assert spec is not None and spec.loader is not None
     preview = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(preview)
-    from looptune.daemon.report import Prometheus as ReportPrometheus
+    from looptune.report import Prometheus as ReportPrometheus
 
     out = live.workdir / "pictures"
     out.mkdir()

@@ -1,4 +1,4 @@
-"""`looptune report` (daemon/report.py) without a real Prometheus: its queries against the
+"""`looptune report` (looptune/report.py) without a real Prometheus: its queries against the
 Training job dashboard, the decision table and summary from synthetic series, the errors a
 user meets, and a whole page rendered from a stub of Prometheus' HTTP API. The same report
 against live data is in test_dashboards_live.py."""
@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from looptune.daemon import report
-from looptune.daemon.report import KnobChange, ReportError, Series
+from looptune import report, verdicts
+from looptune.report import KnobChange, ReportError, Series
 from dashboard_queries import load_dashboards
 
 T0 = 1_800_000_000.0
@@ -171,19 +171,26 @@ def test_summary_of_a_tuned_run() -> None:
 
 
 def test_summary_without_verdicts_or_changes() -> None:
-    wait = series({"rank": "0"}, [0.2] * 30)
+    # under the input verdict's threshold (looptune.verdicts.INPUT_WAIT_SHARE): not input-bound
+    wait = series({"rank": "0"}, [0.05] * 30)
     total = series({}, [300.0] * 30)
     rep = _report({"Data-wait share": [("rank 0", wait)], "Samples/s": [("whole run", total)]}, [], T0 + 29)
     text = report.summarize(rep, [], 4.0)
-    assert "waited on data 20% of its time; no knob changed; 300 samples/s on average." in text, text
+    assert "waited on data 5% of its time; no knob changed; 300 samples/s on average." in text, text
 
 
 def test_summary_falls_back_on_the_data_wait_share() -> None:
-    wait = series({"rank": "0"}, [0.9] * 30 + [0.1] * 10)
+    # the same threshold as the engine's input verdict: 0.10 counts, 0.09 does not
+    assert verdicts.INPUT_WAIT_SHARE == 0.10
+    wait = series({"rank": "0"}, [0.9] * 20 + [0.10] * 10 + [0.09] * 10)
     rep = _report({"Data-wait share": [("rank 0", wait)]}, [], T0 + 39)
     text = report.summarize(rep, [], 4.0)
     until = datetime.fromtimestamp(T0 + 29).astimezone().strftime("%H:%M:%S")
-    assert f"input-bound (waiting on data over half the time) 75% of the time until {until}" in text, text
+    assert f"input-bound (waiting on data 10% of the time or more) 75% of the time until {until}" in text, text
+
+
+def test_every_verdict_kind_has_a_color() -> None:
+    assert tuple(report.VERDICT_COLORS) == verdicts.KINDS
 
 
 def test_settled_setting_is_the_last_kept_trial() -> None:
@@ -311,6 +318,9 @@ def test_render_a_page_from_the_stub(stub: StubPrometheus, tmp_path: Path) -> No
     assert "num_workers 0→4;" in summary and "samples/s ×2.0 (100 → 200)" in summary, summary
     assert "<td>num_workers</td><td>0 → 4</td><td>0</td><td>workers</td><td>kept</td>" in page
     assert not list((tmp_path / "out").glob("*.tmp"))
+    # what each verdict means, from looptune.verdicts, under the verdict panel
+    for kind in verdicts.KINDS:
+        assert f"<b>{kind}</b>: {verdicts.DESCRIPTIONS[kind]}" in page, kind
     # the report asked for exactly the dashboard's queries, with the run and a rate window filled in
     assert any('looptune_job_samples_total{run="r", rank=~".*"}[4s]' in c for c in stub.calls), stub.calls
 

@@ -1,4 +1,4 @@
-"""tuners.protocol on its own: framing, decoding and the field checks, by example and fuzzed.
+"""looptune.protocol on its own: framing, decoding and the field checks, by example and fuzzed.
 
 Every rejection must be a ProtocolError with the reason the daemon counts it under
 (collectors.hookjobs.REJECT_REASONS); nothing a peer sends may raise anything else.

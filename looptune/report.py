@@ -3,7 +3,7 @@
     looptune report --prometheus http://prometheus:9090 --run RUN [--since 1h] [--out DIR]
 
 For people without Grafana: the Training job dashboard's panels for one run (the very same
-PromQL, see PANELS), a table of the tuners' decisions and knob changes, and a one-paragraph
+PromQL: both take it from looptune/promql.py, see PANELS), a table of the tuners' decisions and knob changes, and a one-paragraph
 summary ("input-bound 72% of the time until 14:02; num_workers 0→12; samples/s ×3.1").
 It writes DIR/index.html and one PNG per panel beside it. matplotlib is an optional extra
 (`pip install 'looptune[report]'`); the rest is the standard library, so the daemon itself
@@ -29,9 +29,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from looptune import promql as q
+from looptune.verdicts import DESCRIPTIONS, INPUT_WAIT_SHARE, KINDS
+
 MAX_POINTS = 400            # points per series and panel (the step follows from the time range)
 DEFAULT_SCRAPE_SECONDS = 15.0
-INPUT_BOUND_SHARE = 0.5     # data-wait share above which a rank counts as input-bound
 MATPLOTLIB_HINT = ("looptune report draws its plots with matplotlib, an optional extra: "
                    "pip install 'looptune[report]' (or pip install matplotlib)")
 
@@ -55,49 +57,44 @@ class PanelSpec:
 
 _SEL = 'run="$run", rank=~"$rank"'
 _RUN = 'run="$run"'
-_RI = "$__rate_interval"
 
 PANELS: tuple[PanelSpec, ...] = (
     PanelSpec("Samples/s", "Training samples per second, per rank and for the whole run.", (
-        (f"sum by (instance, rank) (rate(looptune_job_samples_total{{{_SEL}}}[{_RI}]))", "rank {{rank}}"),
-        (f"sum(rate(looptune_job_samples_total{{{_RUN}}}[{_RI}]))", "whole run"),
+        (q.samples_rate(_SEL), "rank {{rank}}"),
+        (q.samples_rate(_RUN, by=None), "whole run"),
     ), "samples/s", empty="no hook reports for this run: is its hook connected to a daemon?"),
     PanelSpec("Data-wait share", "Share of wall time each rank's loop waited for the next batch.", (
-        (f"rate(looptune_job_data_wait_seconds_total{{{_SEL}}}[{_RI}])", "rank {{rank}}"),
+        (q.data_wait_share(_SEL), "rank {{rank}}"),
     ), "ratio"),
     PanelSpec("Step time", "Time between optimizer steps (data wait included), p50 and p95.", (
-        (f"histogram_quantile(0.5, sum by (instance, rank, le) "
-         f"(rate(looptune_job_step_seconds_bucket{{{_SEL}}}[{_RI}])))", "p50 rank {{rank}}"),
-        (f"histogram_quantile(0.95, sum by (instance, rank, le) "
-         f"(rate(looptune_job_step_seconds_bucket{{{_SEL}}}[{_RI}])))", "p95 rank {{rank}}"),
+        (q.step_seconds_quantile(0.5, _SEL), "p50 rank {{rank}}"),
+        (q.step_seconds_quantile(0.95, _SEL), "p95 rank {{rank}}"),
     ), "seconds"),
     PanelSpec("Knob values", "Value of each numeric knob over time; dashed lines mark the tuners' "
               "decisions (green kept, red rolled back or failed).", (
-        (f"looptune_job_knob{{{_SEL}}}", "{{knob}} rank {{rank}}"),
+        (q.knob(_SEL), "{{knob}} rank {{rank}}"),
     ), "count", steps=True),
     PanelSpec("Bottleneck verdict", "What held the job back, per the tuner engine: ranks per verdict.", (
-        (f"sum by (kind) (looptune_job_bottleneck{{{_SEL}}})", "{{kind}}"),
+        (q.bottleneck_ranks(_SEL), "{{kind}}"),
     ), "verdict", empty="no bottleneck verdicts recorded for this run (they come from the tuner engine)"),
     PanelSpec("Job CPU", "CPU cores used by each rank's process tree, DataLoader workers included.", (
-        (f"sum by (instance, rank, mode) (rate(looptune_job_cpu_seconds_total{{{_SEL}}}[{_RI}]))",
-         "rank {{rank}} {{mode}}"),
+        (q.job_cpu_cores(_SEL), "rank {{rank}} {{mode}}"),
     ), "cores"),
     PanelSpec("Processes", "Processes in each rank's tree: the rank and its DataLoader workers.", (
-        (f"looptune_job_processes{{{_SEL}}}", "rank {{rank}}"),
+        (q.job_processes(_SEL), "rank {{rank}}"),
     ), "count", steps=True),
     PanelSpec("Job memory", "Memory of each rank's process tree (rss, pss, uss) and the peak RSS.", (
-        (f"looptune_job_memory_bytes{{{_SEL}}}", "rank {{rank}} {{kind}}"),
-        (f'looptune_job_peak_memory_bytes{{{_SEL}, kind="max_rss"}}', "rank {{rank}} peak rss"),
+        (q.job_memory(_SEL), "rank {{rank}} {{kind}}"),
+        (q.peak_memory(_SEL, 'kind="max_rss"'), "rank {{rank}} peak rss"),
     ), "bytes"),
     PanelSpec("GPU utilization per rank", "SM utilization NVML attributes to each rank's processes, "
               "and the utilization of each GPU the rank holds.", (
-        (f"looptune_job_gpu_utilization_ratio{{{_SEL}}}", "rank {{rank}} gpu {{gpu}} (own)"),
-        (f"looptune_gpu_utilization_ratio * on (job, instance, gpu) group_right () "
-         f"(0 * looptune_job_gpu_memory_bytes{{{_SEL}}} + 1)", "rank {{rank}} gpu {{gpu}} (device)"),
+        (q.job_gpu_utilization(_SEL), "rank {{rank}} gpu {{gpu}} (own)"),
+        (q.device_gpu_utilization_held(_SEL), "rank {{rank}} gpu {{gpu}} (device)"),
     ), "ratio", empty="this run held no GPU"),
     PanelSpec("GPU memory per rank", "GPU memory each rank's processes hold, and torch.cuda's peaks.", (
-        (f"looptune_job_gpu_memory_bytes{{{_SEL}}}", "rank {{rank}} gpu {{gpu}}"),
-        (f'looptune_job_peak_memory_bytes{{{_SEL}, kind=~"cuda_.*"}}', "rank {{rank}} peak {{kind}}"),
+        (q.job_gpu_memory(_SEL), "rank {{rank}} gpu {{gpu}}"),
+        (q.peak_memory(_SEL, 'kind=~"cuda_.*"'), "rank {{rank}} peak {{kind}}"),
     ), "bytes", empty="this run held no GPU memory"),
 )
 
@@ -108,6 +105,7 @@ _TEXT_KNOBS = 'looptune_job_knob_info{run="$run"}'
 _PLACES = 'count by (instance, rank) ({__name__=~"looptune_job_info|looptune_job_samples_total", run="$run"})'
 _SAMPLES = 'sum(looptune_job_samples_total{run="$run"})'     # the raw counter: exact before/after figures
 
+# one color per verdict kind (looptune.verdicts.KINDS; a test keeps the two equal)
 VERDICT_COLORS = {"input": "#ff9830", "cpu": "#b877d9", "gpu": "#73bf69", "memory_headroom": "#f2495c",
                   "communication": "#5794f2", "none": "#9fa7b3"}
 
@@ -563,10 +561,11 @@ def summarize(report: Report, changes: list[KnobChange], window: float) -> str:
     else:
         wait = _mean_by_time([s for _, s in _panel(report, "Data-wait share").series])
         if wait:
-            kind, share, until = bound_phases([(t, "input" if v > INPUT_BOUND_SHARE else "other")
+            kind, share, until = bound_phases([(t, "input" if v >= INPUT_WAIT_SHARE else "other")
                                                for t, v in wait])
             if kind is not None:
-                parts.append(f"input-bound (waiting on data over half the time) {share:.0%} of the time"
+                parts.append(f"input-bound (waiting on data {INPUT_WAIT_SHARE:.0%} of the time or more) "
+                             f"{share:.0%} of the time"
                              + (f" until {_clock(until, span)}" if until else ""))
             else:
                 parts.append(f"waited on data {statistics.fmean(v for _, v in wait):.0%} of its time")
@@ -801,7 +800,10 @@ def render_html(report: Report) -> str:
         else:
             out.append(f"<h3>{e(p.spec.title)}</h3><p class=\"empty\">No data: {e(p.spec.empty)}.</p>")
         queries = "".join(f"<br><code>{e(expand(q, report.run, report.rate_window))}</code>" for q, _ in p.spec.queries)
-        out.append(f"<figcaption>{e(p.spec.description)}<details><summary>PromQL</summary>{queries}"
+        kinds = ""
+        if p.spec.unit == "verdict":     # what each verdict means (looptune.verdicts)
+            kinds = "".join(f"<br><b>{e(k)}</b>: {e(DESCRIPTIONS[k])}" for k in KINDS)
+        out.append(f"<figcaption>{e(p.spec.description)}{kinds}<details><summary>PromQL</summary>{queries}"
                    "</details></figcaption></figure>")
     out.append(f'<p class="meta">Generated by looptune report at {e(_stamp(report.generated))}.</p>')
     out.append("</body></html>")
