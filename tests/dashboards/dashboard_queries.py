@@ -149,6 +149,8 @@ def exported_names() -> set[str]:
                 arg = node.args[0]
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                     names.update(arg.value + s for s in kinds[node.func.id])
+    from looptune import schema             # the hook's figures: declared once, exported by hookjobs
+    names.update(f.metric + ("_total" if f.kind == schema.COUNTER else "") for f in schema.FIGURES if f.metric)
     from looptune.collectors import gpu
     for key, (kind, _) in gpu._VALUE_METRICS.items():
         names.add(f"looptune_gpu_{key}" + ("_total" if kind == "counter" else ""))
