@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from looptune.options import opt
 from looptune.tuners.bottleneck import Window

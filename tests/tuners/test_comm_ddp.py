@@ -7,19 +7,14 @@ same steps, on both ranks.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue
-import shutil
-import tempfile
-import time
 import traceback
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
+
+from gloo_ranks import run_ranks
 
 WORLD = 2
 STEPS = 8
@@ -82,32 +77,9 @@ def rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
 
 
 def test_ddp_all_reduce_is_timed_and_the_gradients_are_unchanged() -> None:
-    ctx = mp.get_context("fork")
-    tmp = Path(tempfile.mkdtemp(prefix="lt-comm-", dir="/tmp"))
-    results = ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(r, str(tmp / "store"), str(tmp), results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got: dict[int, dict[str, Any]] = {}
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        for _ in range(WORLD):
-            try:
-                res = results.get(timeout=max(1.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"a rank did not finish within {TIMEOUT} s; finished: {sorted(got)}")
-            got[res["rank"]] = res
-        for p in procs:
-            p.join(30)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+    got = run_ranks(rank_main, WORLD, TIMEOUT, prefix="lt-comm-")
     for r in range(WORLD):
         res = got[r]
-        assert "error" not in res, res.get("error")
         assert res["same"] and res["errors"] == 0
         assert res["equal"], f"rank {r}: parameters differ from DDP without the hook"
         c = res["counters"]

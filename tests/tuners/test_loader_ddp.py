@@ -8,19 +8,15 @@ a rank that hangs in a collective is killed and the test fails.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue
-import shutil
-import tempfile
 import traceback
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from gloo_ranks import run_ranks
 
 N = 96             # divisible by the world size: DistributedSampler pads nothing
 WORLD = 2
@@ -105,33 +101,8 @@ def expected_stream(rank: int) -> list[list[int]]:
 
 
 def test_ranks_apply_rank0_decisions_at_the_same_step_and_keep_their_share() -> None:
-    ctx = mp.get_context("fork")        # the ranks inherit the imported torch: no re-import per rank
-    tmp = Path(tempfile.mkdtemp(prefix="lt-ddp-", dir="/tmp"))
-    results = ctx.Queue()
-    # not daemonic: a rank's DataLoader workers are its children
-    procs = [ctx.Process(target=rank_main, args=(r, str(tmp / "store"), str(tmp), results))
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got: dict[int, dict[str, Any]] = {}
-    try:
-        for _ in range(WORLD):
-            try:
-                res = results.get(timeout=TIMEOUT)
-            except queue.Empty:
-                pytest.fail(f"a rank did not finish within {TIMEOUT} s (deadlock in a collective?); "
-                            f"finished: {sorted(got)}")
-            got[res["rank"]] = res
-        for p in procs:
-            p.join(30)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+    got = run_ranks(rank_main, WORLD, TIMEOUT, prefix="lt-ddp-")
     for r in range(WORLD):
-        assert "error" not in got[r], got[r].get("error")
         assert got[r]["mode"] == "embedded" and got[r]["sync_every"] == SYNC_EVERY
         assert got[r]["errors"] == 0 and not got[r]["disabled"]
 
