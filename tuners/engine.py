@@ -152,7 +152,6 @@ class Trial:
     id: int
     phase: Phase = Phase.APPLY
     started: float = 0.0
-    acked: bool = False
     settled: int = 0                                    # windows spent settling
     measured: list[float] = field(default_factory=list)
     losses_before: list[float] = field(default_factory=list)
@@ -281,9 +280,7 @@ class Engine:
         if t is None:
             return
         if outcome == "applied":
-            if t.phase is Phase.APPLY and decision_id == t.id:
-                t.acked = True
-            return
+            return       # the next report shows the knob: that, not the acknowledgement, starts settling
         if t.phase is Phase.ROLLBACK:
             if decision_id == t.rollback_id:
                 # the old value could not be restored: say so now instead of waiting out the timeout

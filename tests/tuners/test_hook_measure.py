@@ -26,7 +26,7 @@ from conftest import free_port
 from looptune.daemon.config import ConfigError
 from daemon_proc import Metrics, http_get
 from looptune import protocol
-from looptune.tuners.hook import Actuator, Decision, Hook
+from looptune.tuners.hook import Decision, Hook
 
 
 @pytest.fixture
