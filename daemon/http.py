@@ -34,6 +34,7 @@ class CachedMetricsApp:
         self._encoders: dict[str, Callable[[Any], bytes]] = {}
         self.last_scrape = 0.0
         self.renders = 0
+        self._logged_failure = False
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         if environ.get("REQUEST_METHOD") != "GET" or environ.get("PATH_INFO") == "/favicon.ico" or \
@@ -42,7 +43,14 @@ class CachedMetricsApp:
         encoder, ctype = exposition.choose_encoder(environ.get("HTTP_ACCEPT"))
         want_gzip = exposition.gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING"))
         self.last_scrape = time.monotonic()
-        text, gz = self._get(ctype, encoder, want_gzip)
+        try:
+            text, gz = self._get(ctype, encoder, want_gzip)
+        except Exception:  # noqa: BLE001 - one bad render costs this scrape, never the server
+            if not self._logged_failure:
+                self._logged_failure = True
+                log.exception("rendering /metrics failed (logged once)")
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"looptune: rendering /metrics failed; see the daemon's log\n"]
         headers = [("Content-Type", ctype)]
         if want_gzip:
             headers.append(("Content-Encoding", "gzip"))

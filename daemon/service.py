@@ -70,6 +70,7 @@ class Daemon:
         self.socket_server: HookServer | None = None
         self.hooks = HookRegistry(grace_seconds=config.jobs.grace_seconds, max_jobs_per_uid=config.jobs.max_jobs)
         self.engine: tuning.Engine | None = None
+        self._logged: set[str] = set()
         self._engine_lock = threading.Lock()     # the main loop observes, the socket thread acknowledges
         self._seen: dict[tuple[str, int], int] = {}
         self.address: tuple[str, int] | None = None
@@ -173,6 +174,11 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _log_once(self, kind: str, what: str) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.exception("%s (logged once; the daemon goes on)", what)
+
     def request_reload(self) -> None:
         self._reload.set()
 
@@ -185,7 +191,10 @@ class Daemon:
                 self._reload.clear()
                 self.reload()
             if self.metrics_app is not None:
-                self.metrics_app.prerender()
+                try:
+                    self.metrics_app.prerender()
+                except Exception:  # noqa: BLE001 - a scrape renders again; the daemon stays up
+                    self._log_once("prerender", "rendering /metrics ahead failed")
             try:
                 self.tune_tick()
             except Exception:  # noqa: BLE001 - a tuning bug must not stop the monitoring

@@ -64,6 +64,19 @@ def decode(line: bytes, types: tuple[str, ...] = CLIENT_TYPES) -> dict[str, Any]
     return msg
 
 
+def text_ok(v: Any, limit: int, printable: bool = True) -> bool:
+    """A string from a peer: at most `limit` characters and encodable as UTF-8 (JSON lets a lone
+    surrogate such as \\ud800 through, which the exposition and the logs cannot encode); a value
+    that may become a label is also printable (no control characters)."""
+    if not isinstance(v, str) or len(v) > limit:
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return v.isprintable() or not printable
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
@@ -94,9 +107,9 @@ def _knobs(v: Any) -> dict[str, Any]:
         if not isinstance(k, str) or not KNOB_RE.match(k):
             raise ProtocolError("invalid", "knob names are lower_snake_case, at most 64 characters")
         ok = val is None or isinstance(val, bool) or (isinstance(val, int) and abs(val) < MAX_KNOB_INT) \
-            or (isinstance(val, float) and math.isfinite(val)) or (isinstance(val, str) and len(val) <= 64)
+            or (isinstance(val, float) and math.isfinite(val)) or text_ok(val, 64)
         if not ok:
-            raise ProtocolError("invalid", f"knob {k} must be null, a number, a boolean or a short string")
+            raise ProtocolError("invalid", f"knob {k} must be null, a number, a boolean or a short printable string")
     return v
 
 
@@ -109,14 +122,14 @@ def _bool(msg: dict, key: str, default: bool) -> bool:
 
 def _short(msg: dict, key: str, limit: int) -> str:
     v = msg.get(key, "")
-    if not isinstance(v, str) or len(v) > limit:
-        raise ProtocolError("invalid", f"{key} must be a string of at most {limit} characters")
+    if not text_ok(v, limit):
+        raise ProtocolError("invalid", f"{key} must be a printable string of at most {limit} characters")
     return v
 
 
 def _reasons(v: Any) -> dict[str, str]:
     if not isinstance(v, dict) or len(v) > MAX_KNOBS or not all(
-            isinstance(k, str) and KNOB_RE.match(k) and isinstance(r, str) and len(r) <= 200 for k, r in v.items()):
+            isinstance(k, str) and KNOB_RE.match(k) and text_ok(r, 200, printable=False) for k, r in v.items()):
         raise ProtocolError("invalid", "untunable must map knob names to short reasons")
     return v
 
@@ -189,8 +202,8 @@ def check_applied(msg: dict[str, Any]) -> dict[str, Any]:
     if outcome not in ("applied", "failed", "skipped"):
         raise ProtocolError("invalid", "outcome must be applied, failed or skipped")
     detail = msg.get("detail", "")
-    if not isinstance(detail, str) or len(detail) > 512:
-        raise ProtocolError("invalid", "detail must be a string of at most 512 characters")
+    if not text_ok(detail, 512, printable=False):
+        raise ProtocolError("invalid", "detail must be a UTF-8 string of at most 512 characters")
     return {"id": int(_num(msg, "id", hi=1 << 53, integer=True)), "outcome": outcome, "detail": detail,
             "step": int(_num(msg, "step", hi=1 << 53, integer=True)) if "step" in msg else None}
 
@@ -204,8 +217,8 @@ def check_decision(msg: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError("invalid", "decision knob must be lower_snake_case")
     _knobs({knob: msg.get("value")})
     reason = msg.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > 512:
-        raise ProtocolError("invalid", "reason must be a string of at most 512 characters")
+    if not text_ok(reason, 512, printable=False):
+        raise ProtocolError("invalid", "reason must be a UTF-8 string of at most 512 characters")
     return {"id": int(_num(msg, "id", hi=1 << 53, integer=True)), "knob": knob, "value": msg.get("value"),
             "reason": reason, "tuner": str(msg.get("tuner", ""))[:64],
             "at_step": int(_num(msg, "at_step", hi=1 << 53, integer=True)) if msg.get("at_step") is not None

@@ -709,6 +709,20 @@ def test_other_user_cannot_take_the_job(env: Env) -> None:
     env.after(before, Counter(job_owned=1))
 
 
+@pytest.mark.parametrize("field", ["knob", "signature", "untunable"])
+def test_unencodable_strings_from_another_user_are_rejected_and_scrapes_go_on(env: Env, field: str) -> None:
+    """A lone surrogate passes JSON but not UTF-8: once it crashed every scrape and then the daemon."""
+    before = env.before()
+    over = {"knob": {"knobs": {"num_workers": 4, "mode": "\ud800"}}, "signature": {"signature": "a\udfffb"},
+            "untunable": {"untunable": {"num_workers": "\ud83d"}}}[field]
+    res = env.nobody.session(enc(hello_msg(f"surrogate-{field}", env.nobody.pid)) + enc(report_msg(2, **over)))
+    assert json.loads(res["lines"][0])["type"] == "welcome", res
+    rejected_as(res, "invalid")
+    env.after(before, Counter(invalid=1))
+    time.sleep(1.5)                           # a few main-loop turns: renders ahead, still up
+    env.assert_up()
+
+
 def test_other_user_sees_only_its_own_jobs(env: Env) -> None:
     before = env.before()
     # uid 65534 registers a job of its own and asks for the status on the same connection
