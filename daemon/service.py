@@ -233,7 +233,7 @@ class Daemon:
                                 gpu_memory_total=gpu_total, pid=job.pid)
             names = (job.tuners or None) if job.tune and job.rank == 0 else []
             with self._engine_lock:
-                self.engine.observe(key, job.run, obs, tuners=names)
+                self.engine.observe(key, job.run, obs, tuners=names, owner=job.uid)
         with self._engine_lock:
             for key in [k for k in self.engine.jobs if k not in live]:
                 self.engine.forget(key)

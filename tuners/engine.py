@@ -167,6 +167,7 @@ class Trial:
 class JobState:
     run: str
     tuners: list[Tuner]
+    owner: int | None = None          # uid of the job's user
     last_obs: Observation | None = None
     window_start: Observation | None = None
     windows: deque = field(default_factory=lambda: deque(maxlen=120))
@@ -244,11 +245,13 @@ class Engine:
 
     # ---- inputs ----
 
-    def observe(self, key: Any, run: str, obs: Observation, tuners: list[str] | None = None) -> None:
-        """Take one report of a job; `tuners` names the job's tuners (None: all enabled)."""
+    def observe(self, key: Any, run: str, obs: Observation, tuners: list[str] | None = None,
+                owner: int | None = None) -> None:
+        """Take one report of a job; `tuners` names the job's tuners (None: all enabled); `owner` is
+        the uid the job belongs to (remembered settings are that user's own)."""
         job = self.jobs.get(key)
         if job is None:
-            job = self.jobs[key] = JobState(run=run, tuners=self._make_tuners(tuners))
+            job = self.jobs[key] = JobState(run=run, tuners=self._make_tuners(tuners), owner=owner)
         prev = job.last_obs
         job.last_obs = obs
         if job.window_start is None:
@@ -427,7 +430,7 @@ class Engine:
         for tuner in job.tuners:
             if tuner.knob in obs.untunable:
                 continue
-            remembered = (self.memory.get(job.run, obs.signature, tuner.knob)
+            remembered = (self.memory.get(job.run, obs.signature, tuner.knob, owner=job.owner)
                           if self.memory is not None and obs.signature else None)
             ctx = Context(job.run, obs, w, list(job.windows), job.verdict, self.settings, remembered)
             try:
@@ -481,7 +484,7 @@ class Engine:
         if outcome is Outcome.FAILED:
             self._rebaseline(job, cooldown=True)
         if outcome is Outcome.KEPT and self.memory is not None and job.last_obs is not None and job.last_obs.signature:
-            self.memory.put(job.run, job.last_obs.signature, t.proposal.knob, t.proposal.value)
+            self.memory.put(job.run, job.last_obs.signature, t.proposal.knob, t.proposal.value, owner=job.owner)
         self._tell(t, outcome, gain, job)
 
     def _tell(self, t: Trial, outcome: Outcome, gain: float | None, job: JobState) -> None:

@@ -1,4 +1,5 @@
-"""The best knob values found per (run, dataset signature), kept on disk for the next run.
+"""The best knob values found per (owner uid, run, dataset signature, knob), kept on disk for the
+next run.
 
 One small JSON file, written atomically (temp file, fsync, rename); a corrupt or unreadable
 file is logged and treated as empty, never fatal.
@@ -47,19 +48,20 @@ class BestSettings:
         return {k: v for k, v in data.items() if isinstance(v, dict)}
 
     @staticmethod
-    def _key(run: str, signature: str) -> str:
-        return f"{run}|{signature}"
+    def _key(run: str, signature: str, owner: int | None) -> str:
+        # the owner's uid first: another user's trials never become this user's remembered best
+        return f"{run}|{signature}" if owner is None else f"{owner}|{run}|{signature}"
 
-    def get(self, run: str, signature: str, knob: str) -> Any:
+    def get(self, run: str, signature: str, knob: str, owner: int | None = None) -> Any:
         with self._lock:
-            return self._data.get(self._key(run, signature), {}).get(knob)
+            return self._data.get(self._key(run, signature, owner), {}).get(knob)
 
-    def put(self, run: str, signature: str, knob: str, value: Any) -> None:
+    def put(self, run: str, signature: str, knob: str, value: Any, owner: int | None = None) -> None:
         with self._lock:
             # merge with what is on disk now: another process (a second job's embedded hook, a
             # restarted daemon) may have saved its own entries since this one was read
             self._data = {**self._read(), **self._data}
-            self._data.setdefault(self._key(run, signature), {})[knob] = value
+            self._data.setdefault(self._key(run, signature, owner), {})[knob] = value
             data = json.dumps(self._data, indent=1, sort_keys=True)
             tmp = None
             try:

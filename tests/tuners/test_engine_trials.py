@@ -235,3 +235,21 @@ def test_each_tuner_is_offered_the_value_remembered_for_its_own_knob(tmp_path: P
     job.run(5)
     assert workers.contexts and all(c.remembered == 6 for c in workers.contexts)
     assert batch.contexts and all(c.remembered is None for c in batch.contexts)
+
+
+def test_remembered_values_are_the_owners_own(tmp_path: Path) -> None:
+    """Another user's trial under the same run name and data never becomes this user's best."""
+    path = str(tmp_path / "best.json")
+    engine, job = make_job([ScriptTuner([32])], memory=BestSettings(path), curve=rates({0: 100.0, 32: 300.0}))
+    job.engine.jobs.clear()
+    job.engine.observe(KEY, RUN, job.observation(), owner=65534)      # the job belongs to uid 65534
+    run_trial(job)
+    assert engine.jobs[KEY].history[-1]["outcome"] == "kept"
+    assert BestSettings(path).get(RUN, "sig-1", "num_workers", owner=65534) == 32
+    root, other = ScriptTuner([], name="root"), ScriptTuner([], name="other")
+    for tuner, owner in ((root, 0), (other, 65534)):
+        engine, job = make_job([tuner], memory=BestSettings(path))
+        job.engine.observe(KEY, RUN, job.observation(), owner=owner)
+        job.run(5)
+    assert root.contexts and all(c.remembered is None for c in root.contexts)
+    assert other.contexts and all(c.remembered == 32 for c in other.contexts)

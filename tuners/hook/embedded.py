@@ -60,7 +60,7 @@ class Embedded:
         names: list[str] | None = None if hook.tune is True else list(hook.tuners)
         if not hook.tune or hook.rank != 0:
             names = []          # verdicts only: rank 0 decides for every rank
-        self.engine.observe(("self",), hook.run, obs, tuners=names)
+        self.engine.observe(("self",), hook.run, obs, tuners=names, owner=os.getuid())
 
     def ack(self, rec: Any) -> None:
         if self.engine is not None and rec.id is not None:
