@@ -113,7 +113,11 @@ class JobsConfig:
     memory_detail_interval_seconds: float = opt(
         10.0, "How often USS/PSS are read per process; they walk the page tables, so slower than RSS.",
         lo=1, hi=600)
-    max_jobs: int = opt(64, "At most this many jobs are exported, to bound label values.", lo=1, hi=4096)
+    max_jobs: int = opt(256, "At most this many jobs on the node, all users together: hook registrations beyond "
+                             "it are refused (counted as too_many_jobs) and process trees beyond it are not "
+                             "exported, to bound label values.", lo=1, hi=4096)
+    max_jobs_per_user: int = opt(64, "At most this many hooked jobs (ranks) per uid; the socket takes a few more "
+                                     "connections per uid than this, for `looptune status`.", lo=1, hi=4096)
     grace_seconds: float = opt(60.0, "A job whose hook disconnected stays exported this long with its last "
                                      "counters, then is dropped.", lo=1, hi=3600)
 

@@ -44,9 +44,10 @@ class HookJob:
 
 class HookRegistry:
     def __init__(self, grace_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 max_jobs_per_uid: int = 64) -> None:
+                 max_jobs_per_uid: int = 64, max_jobs: int = 256) -> None:
         self.grace_seconds = grace_seconds
         self.max_jobs_per_uid = max_jobs_per_uid   # one user cannot grow the registry (or labels) unbounded
+        self.max_jobs = max_jobs                   # nor can all users together
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, int], HookJob] = {}
@@ -64,6 +65,8 @@ class HookRegistry:
                     raise ProtocolError("duplicate_job", f"run {key[0]} rank {key[1]} is already connected")
             if old is None and sum(1 for j in self._jobs.values() if j.uid == uid) >= self.max_jobs_per_uid:
                 raise ProtocolError("too_many_jobs", f"uid {uid} already has {self.max_jobs_per_uid} jobs here")
+            if old is None and len(self._jobs) >= self.max_jobs:
+                raise ProtocolError("too_many_jobs", f"this node has {self.max_jobs} jobs already (jobs.max_jobs)")
             job = HookJob(run=key[0], rank=key[1], world_size=hello["world_size"], pid=hello["pid"], uid=uid,
                           conn_id=conn_id, tuners=hello["tuners"], tune=hello["tune"])
             if old is not None and old.pid == job.pid:   # same process reconnecting (daemon restart)
@@ -153,6 +156,11 @@ class HookRegistry:
         with self._lock:
             return {j.pid: (j.run, str(j.rank), str(j.world_size)) for j in self._jobs.values()
                     if j.conn_id is not None}
+
+    def runs(self) -> set[str]:
+        """Run names with a job here, connected or in its grace period."""
+        with self._lock:
+            return {j.run for j in self._jobs.values()}
 
     def __len__(self) -> int:
         with self._lock:

@@ -68,7 +68,8 @@ class Daemon:
         self.http_server: Any = None
         self.metrics_app: metrics_http.CachedMetricsApp | None = None
         self.socket_server: HookServer | None = None
-        self.hooks = HookRegistry(grace_seconds=config.jobs.grace_seconds, max_jobs_per_uid=config.jobs.max_jobs)
+        self.hooks = HookRegistry(grace_seconds=config.jobs.grace_seconds, max_jobs_per_uid=config.jobs.max_jobs_per_user,
+                                  max_jobs=config.jobs.max_jobs)
         self.engine: tuning.Engine | None = None
         self._logged: set[str] = set()
         self._engine_lock = threading.Lock()     # the main loop observes, the socket thread acknowledges
@@ -159,7 +160,10 @@ class Daemon:
             self.socket_server = HookServer(self.socket_path, self.hooks,
                                             allowed_uids=self.config.daemon.allowed_uids,
                                             report_interval=self.config.hook.report_interval_seconds,
-                                            status_provider=self.status_jobs)
+                                            status_provider=self.status_jobs,
+                                            # every rank of a user's jobs connects, plus a few for `status`
+                                            max_per_uid=self.config.jobs.max_jobs_per_user + 8,
+                                            max_connections=self.config.jobs.max_jobs + 64)
         except Exception:
             self.http_server.shutdown()
             self.http_server.server_close()
@@ -238,6 +242,8 @@ class Daemon:
             for key in [k for k in self.engine.jobs if k not in live]:
                 self.engine.forget(key)
                 self._seen.pop(key, None)
+            # decision counters of runs no longer on the node (grace period over) leave /metrics too
+            self.engine.prune_outcomes(self.hooks.runs())
 
     def _send_decision(self, key: tuple[str, int], decision: dict[str, Any]) -> bool:
         job = self.hooks.find(*key)
@@ -308,9 +314,13 @@ class Daemon:
                         log.info("config reload: %d trial(s) in flight rolled back", n)
                     engine.outcomes.update(self.engine.outcomes)     # counters stay monotonic
                 self.engine = engine
+        self.hooks.grace_seconds = new.jobs.grace_seconds
+        self.hooks.max_jobs_per_uid, self.hooks.max_jobs = new.jobs.max_jobs_per_user, new.jobs.max_jobs
         if self.socket_server is not None:
             self.socket_server.allowed_uids = set(new.daemon.allowed_uids)
             self.socket_server.report_interval = new.hook.report_interval_seconds
+            self.socket_server.max_per_uid = new.jobs.max_jobs_per_user + 8
+            self.socket_server.max_connections = new.jobs.max_jobs + 64
         for key in ("listen", "socket", "tls"):
             if getattr(new.daemon, key) != getattr(old.daemon, key):
                 log.warning("daemon.%s changed; it takes effect at the next restart", key)

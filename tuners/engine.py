@@ -301,6 +301,11 @@ class Engine:
         """The job left; a trial it was in has nothing left to roll back."""
         self.jobs.pop(key, None)
 
+    def prune_outcomes(self, runs: set[str]) -> None:
+        """Drop the decision counters of runs not in `runs` (their jobs left): /metrics stays bounded."""
+        for k in [k for k in self.outcomes if k[0] not in runs]:
+            del self.outcomes[k]
+
     def abort(self, why: str) -> int:
         """Roll back every trial in flight (a config reload replaces this engine); returns how many."""
         n = 0

@@ -813,6 +813,50 @@ def test_one_user_cannot_register_unbounded_jobs(inproc: Daemon) -> None:
     assert inproc.socket_server is not None and inproc.socket_server.rejected["too_many_jobs"] == 1
 
 
+def test_one_user_64_ranks_all_connect_and_the_node_has_a_total_cap(inproc: Daemon) -> None:
+    """The per-user connection cap is above the per-user job cap (it was 32 under 64), and all
+    users together are capped too."""
+    clients = []
+    try:
+        for rank in range(64):
+            c = Client(inproc.socket_path)
+            clients.append(c)
+            c.send(hello_msg("wide", os.getpid(), rank=rank, world_size=64))
+            reply = c.line()
+            assert reply["type"] == "welcome", (rank, reply)
+        assert len(inproc.hooks) == 64
+        inproc.hooks.max_jobs, inproc.hooks.max_jobs_per_uid = 65, 100     # now the node cap is the one hit
+        extra = Client(inproc.socket_path)
+        clients.append(extra)
+        extra.send(hello_msg("one-more", os.getpid()))
+        assert extra.line()["type"] == "welcome"
+        late = Client(inproc.socket_path)
+        clients.append(late)
+        late.send(hello_msg("too-many", os.getpid()))
+        reply = late.line()
+        assert reply["type"] == "error" and reply["reason"] == "too_many_jobs" and "jobs.max_jobs" in reply["detail"]
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_decision_counters_leave_with_their_run(inproc: Daemon) -> None:
+    assert inproc.engine is not None
+    inproc.engine.outcomes[("gone-run", "workers", "num_workers", "kept")] = 2
+    c = Client(inproc.socket_path)
+    try:
+        c.send(hello_msg("here-run", os.getpid()))
+        assert c.line()["type"] == "welcome"
+        c.send(report_msg(1))
+        inproc.engine.outcomes[("here-run", "workers", "num_workers", "kept")] = 1
+        wait_for(lambda: inproc.hooks.connected(), "the report")
+        inproc.tune_tick()                       # one turn of the main loop's tuning
+        assert ("gone-run", "workers", "num_workers", "kept") not in inproc.engine.outcomes
+        assert inproc.engine.outcomes[("here-run", "workers", "num_workers", "kept")] == 1
+    finally:
+        c.close()
+
+
 def wait_for(pred: Any, what: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
