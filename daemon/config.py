@@ -118,6 +118,9 @@ class JobsConfig:
                              "exported, to bound label values.", lo=1, hi=4096)
     max_jobs_per_user: int = opt(64, "At most this many hooked jobs (ranks) per uid; the socket takes a few more "
                                      "connections per uid than this, for `looptune status`.", lo=1, hi=4096)
+    run_owner_days: float = opt(7.0, "A run name belongs to the uid that first registered it, across daemon restarts, "
+                                     "until it has gone unused this long (kept beside the remembered settings).",
+                                lo=0.001, hi=3650)
     grace_seconds: float = opt(60.0, "A job whose hook disconnected stays exported this long with its last "
                                      "counters, then is dropped.", lo=1, hi=3600)
 

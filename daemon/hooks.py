@@ -1,7 +1,8 @@
 """The daemon's registry of hook-connected jobs.
 
 A job is keyed by (run, rank) and owned by the uid of the connection that registered it:
-another user can neither take its name nor send it decisions. A job that disconnects stays
+another user can neither take its name nor send it decisions. The run name stays the owner's
+across daemon restarts (owners.py). A job that disconnects stays
 visible for a grace period (its last counters are still scraped), then is dropped, so label
 values stay bounded.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from looptune.collectors.hookjobs import HookView
+from looptune.daemon.owners import RunOwners
 from looptune.protocol import ProtocolError
 
 
@@ -44,10 +46,11 @@ class HookJob:
 
 class HookRegistry:
     def __init__(self, grace_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 max_jobs_per_uid: int = 64, max_jobs: int = 256) -> None:
+                 max_jobs_per_uid: int = 64, max_jobs: int = 256, owners: RunOwners | None = None) -> None:
         self.grace_seconds = grace_seconds
         self.max_jobs_per_uid = max_jobs_per_uid   # one user cannot grow the registry (or labels) unbounded
         self.max_jobs = max_jobs                   # nor can all users together
+        self.owners = owners or RunOwners(None)    # who owns each run name, across restarts
         self._clock = clock
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, int], HookJob] = {}
@@ -58,15 +61,18 @@ class HookRegistry:
         key = (hello["run"], hello["rank"])
         with self._lock:
             old = self._jobs.get(key)
+            if (old is not None and old.uid != uid) or self.owners.owner(key[0]) not in (None, uid):
+                # the first user to register a run owns it, across daemon restarts: the owner always
+                # gets its name back, another user's hello for it is refused
+                raise ProtocolError("job_owned", f"run {key[0]} belongs to another user")
             if old is not None:
-                if old.uid != uid:
-                    raise ProtocolError("job_owned", f"run {key[0]} rank {key[1]} belongs to another user")
                 if old.conn_id is not None:
                     raise ProtocolError("duplicate_job", f"run {key[0]} rank {key[1]} is already connected")
             if old is None and sum(1 for j in self._jobs.values() if j.uid == uid) >= self.max_jobs_per_uid:
                 raise ProtocolError("too_many_jobs", f"uid {uid} already has {self.max_jobs_per_uid} jobs here")
             if old is None and len(self._jobs) >= self.max_jobs:
                 raise ProtocolError("too_many_jobs", f"this node has {self.max_jobs} jobs already (jobs.max_jobs)")
+            self.owners.claim(key[0], uid)
             job = HookJob(run=key[0], rank=key[1], world_size=hello["world_size"], pid=hello["pid"], uid=uid,
                           conn_id=conn_id, tuners=hello["tuners"], tune=hello["tune"])
             if old is not None and old.pid == job.pid:   # same process reconnecting (daemon restart)

@@ -65,7 +65,7 @@ def bind_unix(path: str, mode: int = 0o666) -> socket.socket:
     try:
         sock.bind(path)
         os.chmod(path, mode)
-        sock.listen(64)
+        sock.listen(max(1024, socket.SOMAXCONN))     # a connect flood queues instead of refusing hooks
     except OSError:
         sock.close()
         raise
@@ -225,13 +225,18 @@ class HookServer:
         self.registry.expire()
 
     def _accept(self) -> None:
-        try:
-            sock, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.warning("accept on %s failed: %s", self.path, exc)
-            return
+        # everything queued, not one per turn: a flood must not starve the hooks behind it
+        for _ in range(4096):
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on %s failed: %s", self.path, exc)
+                return
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         try:
             pid, uid, _gid = peer_credentials(sock)

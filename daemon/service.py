@@ -25,6 +25,7 @@ from looptune.daemon import http as metrics_http
 from looptune.daemon.sdnotify import Notifier
 from looptune.collectors.hookjobs import HookJobsCollector, TunerCollector
 from looptune.daemon.hooks import HookRegistry
+from looptune.daemon.owners import RunOwners
 from looptune.daemon.server import HookServer
 from looptune.tuners import engine as tuning
 from looptune.tuners import observe
@@ -69,7 +70,8 @@ class Daemon:
         self.metrics_app: metrics_http.CachedMetricsApp | None = None
         self.socket_server: HookServer | None = None
         self.hooks = HookRegistry(grace_seconds=config.jobs.grace_seconds, max_jobs_per_uid=config.jobs.max_jobs_per_user,
-                                  max_jobs=config.jobs.max_jobs)
+                                  max_jobs=config.jobs.max_jobs, owners=RunOwners(
+                                      owners_path(config), ttl_seconds=config.jobs.run_owner_days * 86400))
         self.engine: tuning.Engine | None = None
         self._logged: set[str] = set()
         self._engine_lock = threading.Lock()     # the main loop observes, the socket thread acknowledges
@@ -315,6 +317,7 @@ class Daemon:
                     engine.outcomes.update(self.engine.outcomes)     # counters stay monotonic
                 self.engine = engine
         self.hooks.grace_seconds = new.jobs.grace_seconds
+        self.hooks.owners.ttl_seconds = new.jobs.run_owner_days * 86400
         self.hooks.max_jobs_per_uid, self.hooks.max_jobs = new.jobs.max_jobs_per_user, new.jobs.max_jobs
         if self.socket_server is not None:
             self.socket_server.allowed_uids = set(new.daemon.allowed_uids)
@@ -371,3 +374,9 @@ class Daemon:
         for s in self.samplers.values():
             s.stop(join_timeout=max(0.0, deadline - time.monotonic()))
         log.info("looptune stopped")
+
+
+def owners_path(config: cfg.Config) -> str:
+    """owners.json beside the remembered settings (the daemon's state directory)."""
+    from looptune.tuners.memory import default_path
+    return os.path.join(os.path.dirname(config.tuners.state_file or default_path(True)), "owners.json")

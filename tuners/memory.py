@@ -6,13 +6,13 @@ file is logged and treated as empty, never fatal.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from looptune.files import read_json_object, write_json
 
 log = logging.getLogger("looptune.memory")
 
@@ -32,16 +32,7 @@ class BestSettings:
         self._data: dict[str, dict[str, Any]] = self._read()
 
     def _read(self) -> dict[str, dict[str, Any]]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable %s: %s", self.path, exc)
-            return {}
-        if not isinstance(data, dict):
-            log.warning("ignoring %s: a JSON object was expected, not %s", self.path, type(data).__name__)
-            return {}
+        data = read_json_object(self.path, "best settings")
         bad = [k for k, v in data.items() if not isinstance(v, dict)]
         if bad:
             log.warning("ignoring %d malformed entries in %s", len(bad), self.path)
@@ -62,22 +53,4 @@ class BestSettings:
             # restarted daemon) may have saved its own entries since this one was read
             self._data = {**self._read(), **self._data}
             self._data.setdefault(self._key(run, signature, owner), {})[knob] = value
-            data = json.dumps(self._data, indent=1, sort_keys=True)
-            tmp = None
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".best.", suffix=".tmp")
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-                tmp = None
-            except OSError as exc:
-                log.warning("cannot save best settings to %s: %s", self.path, exc)
-            finally:
-                if tmp is not None:          # never leave a temp file behind
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
+            write_json(self.path, self._data, "best settings")

@@ -74,10 +74,10 @@ def test_other_uid_cannot_take_a_job(reg: HookRegistry, clock: Clock) -> None:
     clock.advance(59)
     assert reason_of(reg.register, 3, 65534, hello(pid=77)) == "job_owned"
     assert reg.find("exp", 0) is job and job.uid == 0
-    clock.advance(2)      # after expiry the name is free again
-    reg.expire()
-    taken = reg.register(4, 65534, hello(pid=77))
-    assert taken.uid == 65534
+    clock.advance(2)      # after expiry the job is gone, but the run name is still root's
+    assert reg.expire() == [job]
+    assert reason_of(reg.register, 4, 65534, hello(pid=77)) == "job_owned"
+    assert reg.register(5, 0, hello(pid=43)).uid == 0
 
 
 def test_reconnect_after_disconnect_same_uid(reg: HookRegistry) -> None:

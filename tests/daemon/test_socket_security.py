@@ -615,15 +615,15 @@ def test_burst_within_the_limit_is_fine(env: Env) -> None:
 
 
 def test_many_connections_from_one_user(env: Env) -> None:
-    """uid 65534 may hold 32 connections; the rest are refused, and root is not affected."""
+    """uid 65534 may hold its job cap (64) plus 8 connections; the rest are refused, and root is not affected."""
     before = env.before()
     env.daemon.wait_until(lambda m: m.get("looptune_hook_connections") == 1, "only the legit job connected")
-    first = env.nobody.call({"op": "hold", "n": 40})["first"]
+    first = env.nobody.call({"op": "hold", "n": 80})["first"]
     try:
         kinds = Counter(json.loads(x)["type"] if x else None for x in first)
         reasons = Counter(json.loads(x).get("reason") for x in first if x)
-        assert kinds == Counter(status_reply=32, error=8), first
-        assert reasons[None] == 32 and reasons["too_many_connections"] == 8, first
+        assert kinds == Counter(status_reply=72, error=8), first
+        assert reasons[None] == 72 and reasons["too_many_connections"] == 8, first
         assert not any(j["run"] == LEGIT_RUN for x in first if x for j in json.loads(x).get("jobs", [])), first
         # root still gets in while nobody is at its limit
         res = env.root.session(enc({"type": "status"}), recv_first=1, drain=False)
@@ -760,6 +760,41 @@ def test_allowed_uids_denies_other_users(workdir: Path) -> None:
         for a in (nobody, root):
             if a is not None:
                 a.close()
+        pool.close()
+
+
+def test_the_run_owner_wins_after_a_daemon_restart(workdir: Path) -> None:
+    """Once another user won the race for root's run name after every restart and locked root's job
+    out: the owner is remembered across restarts and the other user's hello is refused."""
+    state = workdir / "restart-state"
+    state.mkdir()
+    config = {**CONFIG, "tuners": {**CONFIG.get("tuners", {}), "state_file": str(state / "best.json")}}
+    path = workdir / "restart.sock"
+    pool = DaemonPool(workdir)
+    agents: list[Agent] = []
+    try:
+        d = pool.start(config, socket_path=path).wait_ready()
+        root = Agent(path)
+        agents.append(root)
+        res = root.session(enc(hello_msg("roots-run", root.pid)) + enc({"type": "bye"}))
+        assert [json.loads(x)["type"] for x in res["lines"]] == ["welcome"], res
+        assert d.stop() == 0
+        d = pool.start(config, socket_path=path).wait_ready()
+        nobody = Agent(path, NOBODY)
+        agents.append(nobody)
+        # the other user is first after the restart: refused, and it cannot squat the name
+        err = error_of(nobody.session(enc(hello_msg("roots-run", nobody.pid))))
+        assert err["reason"] == "job_owned", err
+        res = root.session(enc(hello_msg("roots-run", root.pid)) + enc(report_msg(1)) + enc({"type": "bye"}))
+        assert [json.loads(x)["type"] for x in res["lines"]] == ["welcome"], res
+        # a run name nobody has claimed is the first registrant's, as before
+        res = nobody.session(enc(hello_msg("nobodys-run", nobody.pid)) + enc({"type": "bye"}))
+        assert [json.loads(x)["type"] for x in res["lines"]] == ["welcome"], res
+        owners = json.loads((state / "owners.json").read_text())
+        assert owners["roots-run"][0] == 0 and owners["nobodys-run"][0] == NOBODY
+    finally:
+        for a in agents:
+            a.close()
         pool.close()
 
 
@@ -914,7 +949,7 @@ def test_decisions_reach_only_their_job(inproc: Daemon) -> None:
 
 def test_status_on_a_crowded_node_fits_one_line(inproc: Daemon) -> None:
     """Hundreds of jobs: the status_reply is cut to 64 KiB (truncated), the asker is not rejected."""
-    inproc.hooks.max_jobs_per_uid = 1000     # root here: past the default per-user cap of 64
+    inproc.hooks.max_jobs_per_uid = inproc.hooks.max_jobs = 1000     # past the default caps (64 per user, 256 in all)
     for i in range(300):
         c = Client(inproc.socket_path)
         try:
