@@ -96,6 +96,17 @@ def _proc_owner_and_ancestry(pid: int) -> tuple[int, list[int]] | None:
         return None
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks after boot (/proc/PID/stat field 22); None if gone. With
+    the pid it names one process: a pid number alone may be a recycled one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        return int(raw[raw.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _fit_status_reply(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     """A status_reply within MAX_MESSAGE_BYTES: with many jobs on the node the list is cut (and
     `truncated` set) rather than the asker rejected as `oversized` for the daemon's own reply."""
@@ -121,6 +132,7 @@ class Conn:
     tokens: float = 0.0
     refill_at: float = 0.0
     closing: bool = False
+    peer_start: int | None = None        # the peer process's start time (clock ticks after boot)
 
 
 class HookServer:
@@ -243,7 +255,8 @@ class HookServer:
         except OSError:
             sock.close()
             return
-        conn = Conn(next(self._ids), sock, pid, uid, tokens=self.burst, refill_at=time.monotonic())
+        conn = Conn(next(self._ids), sock, pid, uid, tokens=self.burst, refill_at=time.monotonic(),
+                    peer_start=_start_ticks(pid))
         with self._lock:
             self._conns[conn.id] = conn
         self._sel.register(sock, selectors.EVENT_READ, conn)
@@ -318,7 +331,11 @@ class HookServer:
             self._close(conn)
 
     def _check_pid(self, conn: Conn, pid: int) -> None:
-        """The job's pid must be the peer itself or its descendant, owned by the same uid."""
+        """The job's pid must be the peer itself or its descendant, owned by the same uid; the peer
+        must still be the process that connected (its start time unchanged), or its pid number may
+        belong to someone else's process by now."""
+        if conn.peer_start is None or _start_ticks(conn.pid) != conn.peer_start:
+            raise ProtocolError("pid_mismatch", f"the process that connected (pid {conn.pid}) is gone")
         if pid == conn.pid:
             return
         found = _proc_owner_and_ancestry(pid)

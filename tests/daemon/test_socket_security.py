@@ -875,6 +875,45 @@ def test_one_user_64_ranks_all_connect_and_the_node_has_a_total_cap(inproc: Daem
             c.close()
 
 
+def test_a_hello_for_the_pid_of_a_connection_whose_process_is_gone_is_refused(inproc: Daemon) -> None:
+    """The peer's pid is read at connect time; once that process is gone its number can be anyone's
+    (another user recycled one in 3.6 s). A hello naming it is refused: the start time differs."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:                                  # the connecting process
+        try:
+            os.close(r)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(inproc.socket_path)
+            me = os.getpid()
+            if os.fork() == 0:                      # a child keeps the connection; its parent exits
+                deadline = time.monotonic() + 10
+                while os.path.exists(f"/proc/{me}") and time.monotonic() < deadline:
+                    try:
+                        with open(f"/proc/{me}/stat", "rb") as f:
+                            if f.read().split(b")")[-1].split()[0] == b"Z":
+                                break
+                    except OSError:
+                        break
+                    time.sleep(0.01)
+                sock.sendall(enc(hello_msg("recycled", me)))
+                sock.settimeout(5)
+                os.write(w, sock.recv(4096) or b"closed")
+                os._exit(0)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    os.close(w)
+    os.waitpid(child, 0)                            # reaped: its pid is free for anyone now
+    reply = b""
+    ready, _, _ = select.select([r], [], [], 15)
+    if ready:
+        reply = os.read(r, 4096)
+    os.close(r)
+    msg = json.loads(reply.split(b"\n")[0])
+    assert msg["type"] == "error" and msg["reason"] == "pid_mismatch" and "gone" in msg["detail"], msg
+
+
 def test_decision_counters_leave_with_their_run(inproc: Daemon) -> None:
     assert inproc.engine is not None
     inproc.engine.outcomes[("gone-run", "workers", "num_workers", "kept")] = 2
