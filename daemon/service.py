@@ -159,7 +159,9 @@ class Daemon:
             self.socket_server = HookServer(self.socket_path, self.hooks,
                                             allowed_uids=self.config.daemon.allowed_uids,
                                             report_interval=self.config.hook.report_interval_seconds,
-                                            status_provider=self.status_jobs)
+                                            status_provider=self.status_jobs,
+                                            private_dir=cfg.is_private_socket_dir(
+                                                os.path.dirname(self.socket_path), self.environ))
         except Exception:
             self.http_server.shutdown()
             self.http_server.server_close()
