@@ -356,17 +356,35 @@ def socket_path(config: Config, environ: typing.Mapping[str, str] = os.environ) 
     return default_socket_paths(environ)[0]
 
 
+SYSTEM_SOCKET_DIR = "/run/looptune"   # only root can create it; the systemd unit keeps it (RuntimeDirectory=)
+
+
 def default_socket_paths(environ: typing.Mapping[str, str] = os.environ) -> list[str]:
     """Candidates in order: $RUNTIME_DIRECTORY (systemd), /run/looptune, then per-user places for a
     daemon started by hand without root. The first whose directory exists or can be made is used."""
     runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     dirs = [runtime] if runtime else []
-    dirs.append("/run/looptune")
+    dirs.append(SYSTEM_SOCKET_DIR)
+    dirs += private_socket_dirs(environ)
+    usable = [d for d in dirs if _dir_usable(d)]
+    return [os.path.join(d, "looptune.sock") for d in usable or dirs[-1:]]
+
+
+def private_socket_dirs(environ: typing.Mapping[str, str] = os.environ) -> list[str]:
+    """The per-user fallback directories ($XDG_RUNTIME_DIR/looptune, /tmp/looptune-UID). Any user
+    could create one first (/tmp is shared), so the daemon makes them 0700 and refuses one that
+    another user owns, and a hook trusts one only if root or its own user owns it, closed to others."""
+    dirs = []
     if environ.get("XDG_RUNTIME_DIR"):
         dirs.append(os.path.join(environ["XDG_RUNTIME_DIR"], "looptune"))
     dirs.append(f"/tmp/looptune-{os.getuid()}")
-    usable = [d for d in dirs if _dir_usable(d)]
-    return [os.path.join(d, "looptune.sock") for d in usable or dirs[-1:]]
+    return dirs
+
+
+def is_private_socket_dir(path: str, environ: typing.Mapping[str, str] = os.environ) -> bool:
+    """Whether `path` (a socket's directory) is one of private_socket_dirs, however it was named."""
+    real = os.path.normpath(os.path.abspath(path))
+    return any(real == os.path.normpath(os.path.abspath(d)) for d in private_socket_dirs(environ))
 
 
 def _dir_usable(path: str) -> bool:

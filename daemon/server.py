@@ -39,9 +39,43 @@ class SocketInUse(Exception):
     pass
 
 
-def bind_unix(path: str, mode: int = 0o666) -> socket.socket:
-    """Bind and listen on `path`; any local user may connect (the peer's credentials decide)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+class UnsafeSocketDir(Exception):
+    """A per-user socket directory that another user owns (or a symlink): not used."""
+
+
+def private_dir(path: str) -> None:
+    """Make `path` a directory only this process's user can enter (0700), or check that an existing
+    one is ours. A per-user fallback such as /tmp/looptune-UID lives where any user can create it
+    first, to catch the hooks' connections: one owned by another user, or a symlink, is refused; one
+    of ours that others could write is closed (0700) before the socket goes in."""
+    os.makedirs(os.path.dirname(path.rstrip("/")) or "/", exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    euid = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeSocketDir(f"{path} is not a directory (a symlink or a file): another user may have "
+                              f"put it there; remove it or choose --socket")
+    if st.st_uid != euid:
+        raise UnsafeSocketDir(f"{path} belongs to uid {st.st_uid}, not to this daemon's uid {euid}: another "
+                              f"user may have created it to receive the training jobs' connections; "
+                              f"remove it or choose --socket")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        if stat.S_IMODE(st.st_mode) & 0o022:
+            log.warning("%s was writable by other users (mode %o); closing it to 0700", path,
+                        stat.S_IMODE(st.st_mode))
+        os.chmod(path, 0o700)
+
+
+def bind_unix(path: str, mode: int = 0o666, *, private: bool = False) -> socket.socket:
+    """Bind and listen on `path`; any local user may connect (the peer's credentials decide).
+    `private`: its directory is a per-user fallback (config.private_socket_dirs), see private_dir."""
+    if private:
+        private_dir(os.path.dirname(path) or ".")
+    else:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -139,7 +173,8 @@ class HookServer:
     def __init__(self, path: str, registry: HookRegistry, *, allowed_uids: Iterable[int] = (),
                  report_interval: float = 1.0, max_connections: int = 256, max_per_uid: int = 32,
                  rate_per_second: float = 50.0, burst: float = 200.0,
-                 status_provider: Callable[[int], list[dict[str, Any]]] | None = None) -> None:
+                 status_provider: Callable[[int], list[dict[str, Any]]] | None = None,
+                 private_dir: bool = False) -> None:
         self.path = path
         self.registry = registry
         self.allowed_uids = set(allowed_uids)
@@ -150,7 +185,7 @@ class HookServer:
         self.status_provider = status_provider
         self.rejected: Counter[str] = Counter()
         self._logged_reasons: set[str] = set()
-        self._sock = bind_unix(path)
+        self._sock = bind_unix(path, private=private_dir)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)

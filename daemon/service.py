@@ -165,7 +165,9 @@ class Daemon:
                                             status_provider=self.status_jobs,
                                             # every rank of a user's jobs connects, plus a few for `status`
                                             max_per_uid=self.config.jobs.max_jobs_per_user + 8,
-                                            max_connections=self.config.jobs.max_jobs + 64)
+                                            max_connections=self.config.jobs.max_jobs + 64,
+                                            private_dir=cfg.is_private_socket_dir(
+                                                os.path.dirname(self.socket_path), self.environ))
         except Exception:
             self.http_server.shutdown()
             self.http_server.server_close()

@@ -251,6 +251,7 @@ def test_unit_template_settings() -> None:
         "TimeoutStopSec": "10s",
         "RuntimeDirectory": "looptune",
         "RuntimeDirectoryMode": "0755",
+        "RuntimeDirectoryPreserve": "yes",     # /run/looptune stays, root's, while the daemon is down
         "StateDirectory": "looptune",
         "NoNewPrivileges": "true",
         "ProtectSystem": "strict",

@@ -90,7 +90,7 @@ class Hook:
                     raise ValueError(f"unknown tuner(s) {', '.join(map(repr, unknown))}; known: "
                                      f"{', '.join(sorted(available()))}")
             self._decide_sync()
-            self.socket_paths = runinfo.socket_paths(socket, self.config)
+            self.socket_paths, self.socket_named = runinfo.socket_paths(socket, self.config)
             self._channel = Channel(self)
             self._channel.start()
             if self.mode == "embedded" and self.config.hook.embedded_metrics_listen:

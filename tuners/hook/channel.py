@@ -1,20 +1,32 @@
 """The channel to the node daemon: one background thread that reports, reconnects with
 backoff and receives decisions; with no daemon it runs the embedded engine's ticks instead.
-The training thread never waits on it: decisions reach it through the hook's queue."""
+The training thread never waits on it: decisions reach it through the hook's queue.
+It speaks only to a daemon that runs as root or as this process's user (the kernel's peer
+credentials on the socket), and looks in a default directory only if root or this user owns it
+and nobody else may write in it: anyone can create /tmp/looptune-UID first."""
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
 from typing import Any
 
 from looptune import protocol
+from looptune.tuners.hook import runinfo
 from looptune.tuners.hook.ranks import rank_world
 
 log = logging.getLogger("looptune.hook")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that listens at the other end, from the kernel (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
 
 
 class Channel:
@@ -33,6 +45,7 @@ class Channel:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="looptune-hook", daemon=True)
         self._logged_reject: set[str] = set()
+        self._logged_distrust: set[tuple[Any, ...]] = set()
         self.reconnects = 0
         self._next_embedded = 0.0
         self._connect()      # synchronously once: the mode is known when Hook() returns
@@ -52,13 +65,37 @@ class Channel:
     def forget_in_child(self) -> None:
         self.sock = None   # the fd stays open in the child; the parent owns the connection
 
+    def _distrust(self, key: tuple[Any, ...], msg: str, *args: Any) -> None:
+        """Log a refused daemon once per (path, why): the channel retries every few seconds."""
+        if key not in self._logged_distrust:
+            self._logged_distrust.add(key)
+            log.warning(msg, *args)
+
     def _connect(self) -> bool:
         h = self.hook
         for path in h.socket_paths:
+            if not h.socket_named:
+                d = os.path.dirname(path)
+                problem = runinfo.socket_dir_problem(d)
+                if problem == "":
+                    continue                     # no such directory: no daemon there
+                if problem is not None:
+                    self._distrust((path, problem), "looptune: not connecting to %s: %s; a hook trusts "
+                                   "only a directory of root or its own user that others cannot write. "
+                                   "The job runs embedded.", path, problem)
+                    continue
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.settimeout(0.5)
                 s.connect(path)
+                pid, uid, _ = peer_credentials(s)
+                if uid not in (0, os.getuid()):
+                    # before the hello: an untrusted peer learns nothing of this job
+                    self._distrust((path, uid), "looptune: not trusting the daemon at %s: it runs as uid %d "
+                                   "(pid %d), neither root nor this job's uid %d; nothing sent, no decision "
+                                   "taken from it. The job runs embedded.", path, uid, pid, os.getuid())
+                    s.close()
+                    continue
                 hello = h.hello()
                 s.sendall(protocol.encode(hello))
                 reply = self._read_line(s, deadline=time.monotonic() + 1.0)

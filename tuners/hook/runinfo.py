@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import stat
 import sys
 from typing import Any
 
@@ -41,18 +42,43 @@ def load_config(config: Any) -> Any:
     return cfg.load(config)
 
 
-def socket_paths(explicit: str | None, config: Any) -> list[str]:
+def socket_paths(explicit: str | None, config: Any) -> tuple[list[str], bool]:
+    """(paths to try in order, named): `named` is True when the user named the socket (Hook(socket=),
+    $LOOPTUNE_SOCKET, daemon.socket); otherwise the paths are the defaults, whose directories the
+    channel checks (trusted_socket_dir) before it connects."""
     if explicit:
-        return [explicit]
+        return [explicit], True
     if os.environ.get("LOOPTUNE_SOCKET"):
-        return [os.environ["LOOPTUNE_SOCKET"]]
+        return [os.environ["LOOPTUNE_SOCKET"]], True
     if config.daemon.socket:
-        return [config.daemon.socket]
-    from looptune.daemon.config import default_socket_paths
-    paths = [os.path.join("/run/looptune", "looptune.sock")]
-    paths += [p for p in default_socket_paths({k: v for k, v in os.environ.items()
-                                               if k != "RUNTIME_DIRECTORY"}) if p not in paths]
-    return paths
+        return [config.daemon.socket], True
+    from looptune.daemon import config as cfg
+    paths = [os.path.join(cfg.SYSTEM_SOCKET_DIR, "looptune.sock")]
+    paths += [p for p in cfg.default_socket_paths({k: v for k, v in os.environ.items()
+                                                   if k != "RUNTIME_DIRECTORY"}) if p not in paths]
+    return paths, False
+
+
+def socket_dir_problem(path: str) -> str | None:
+    """Why the directory `path` must not be trusted to hold the daemon's socket, or None.
+
+    A default directory such as /tmp/looptune-UID can be created first by any user, who then
+    answers in the daemon's place; the hook trusts one only if it is a real directory (not a
+    symlink) owned by root or by this process's user and not writable by group or others. A
+    missing directory is "" (nothing to connect to, nothing to report)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"cannot inspect it: {exc}"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory (a symlink or a file)"
+    if st.st_uid not in (0, os.getuid()):
+        return f"it belongs to uid {st.st_uid}, neither root nor this job's uid {os.getuid()}"
+    if st.st_mode & 0o022:
+        return f"group or others may write in it (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
 
 
 def memory_peaks() -> dict[str, int]:

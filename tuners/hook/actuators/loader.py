@@ -24,16 +24,103 @@ boundary after k batches of the epoch:
 An IterableDataset, or a loader delivering out of order (in_order=False), is left alone: the
 stream's split across workers is the order there. torch is imported lazily, as everywhere in
 tuners/.
+
+Every value is bounded before anything starts: a decision comes from a daemon, and a worker
+count is processes forked from this one. num_workers must be an integer >= 0 and, where it
+raises the count, at most `worker_cap()`; prefetch_factor an integer in 1..MAX_PREFETCH_FACTOR.
+A value outside is refused (KnobRefused: the decision's outcome is `failed`), never clamped.
 """
 from __future__ import annotations
 
+import numbers
+import os
 import random
 import sys
 from typing import Any, Iterator
 
+# The host's cap on DataLoader workers. Not the core count: a latency-bound loader (network or disk
+# reads, decoding that waits) overlaps waits, so it wants more workers than cores (a job seen with
+# 2 cores was fastest at 24). 16 per CPU the process may use, at least 32 (the workers tuner's
+# default max_workers, reachable on a small host), at most what tuners.workers.max_workers may be
+# set to (its declared bound, 1024); and each new worker, a forked copy of the training process,
+# is counted at WORKER_MIN_BYTES against the memory available. A fork bomb (10**9 workers, or
+# anything a host cannot run) is refused; the workers tuner's measurements (throughput, CPU
+# verdict, memory budget from the workers' USS) choose within the cap.
+WORKERS_PER_CPU = 16
+MIN_WORKER_CAP = 32
+WORKER_MIN_BYTES = 64 << 20
+MAX_PREFETCH_FACTOR = 64     # batches each worker keeps in flight; DataLoader's default is 2
+
 
 class NotTunable(Exception):
     """This loader's knob cannot be changed safely; the message says why."""
+
+
+class KnobRefused(ValueError):
+    """A value outside the knob's bounds (the message says which): refused, nothing changed."""
+
+
+def _declared_max_workers() -> int:
+    """The most workers tuners.workers.max_workers may be configured to (its declared `hi`)."""
+    from dataclasses import fields
+
+    from looptune.tuners.workers import WorkersOptions
+    return int(next(f.metadata["hi"] for f in fields(WorkersOptions) if f.name == "max_workers"))
+
+
+def _cpus_allowed() -> int:
+    """CPUs this process may run on (its affinity mask; taskset, cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable, or less where this process's cgroup (v2) limit leaves less; None if unknown."""
+    avail: int | None = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            rel = next((line.strip()[3:] for line in f if line.startswith("0::")), None)
+        if rel is not None:
+            base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+            with open(os.path.join(base, "memory.max"), encoding="ascii") as f:
+                limit = f.read().strip()
+            if limit != "max":
+                with open(os.path.join(base, "memory.current"), encoding="ascii") as f:
+                    left = max(0, int(limit) - int(f.read().strip()))
+                avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def worker_cap(current: int) -> tuple[int, str]:
+    """(the most workers a change may set, why that many): see WORKERS_PER_CPU above."""
+    declared = _declared_max_workers()
+    cpus = _cpus_allowed()
+    cap = min(declared, max(MIN_WORKER_CAP, WORKERS_PER_CPU * cpus))
+    why = (f"{WORKERS_PER_CPU} per CPU this process may use ({cpus}), at least {MIN_WORKER_CAP}, at most "
+           f"{declared}")
+    avail = _available_memory_bytes()
+    if avail is not None and current + avail // WORKER_MIN_BYTES < cap:
+        cap = current + avail // WORKER_MIN_BYTES
+        why = f"{avail >> 20} MiB of memory available, {WORKER_MIN_BYTES >> 20} MiB counted per new worker"
+    return cap, why
+
+
+def _integer(knob: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise KnobRefused(f"{knob} must be an integer, got {value!r}; not applied")
+    return int(value)
 
 
 class _ListBatchSampler:
@@ -212,13 +299,25 @@ class WatchedLoader:
         return knobs
 
     def set_workers(self, num_workers: int | None = None, prefetch_factor: int | None = None) -> None:
-        """Change the worker setting now (call at a step boundary). Raises NotTunable."""
+        """Change the worker setting now (call at a step boundary). Raises NotTunable, or KnobRefused
+        for a value outside the bounds (module docstring)."""
         if self.tunable_reason is not None:
             raise NotTunable(self.tunable_reason)
-        w = self.active.num_workers if num_workers is None else int(num_workers)
-        p = prefetch_factor if prefetch_factor is not None else (self.active.prefetch_factor or 2)
-        if w < 0 or p < 1:
-            raise NotTunable(f"num_workers must be >= 0 and prefetch_factor >= 1, got {w}, {p}")
+        current = self.active.num_workers
+        w = current if num_workers is None else _integer("num_workers", num_workers)
+        if w < 0:
+            raise KnobRefused(f"num_workers must be >= 0, got {w}; not applied")
+        if w > current:          # a lower count is always allowed, even above a cap the user's loader exceeds
+            cap, why = worker_cap(current)
+            if w > cap:
+                raise KnobRefused(f"num_workers {w} is above this job's cap of {cap} ({why}); not applied")
+        if prefetch_factor is None:
+            p = self.active.prefetch_factor or 2      # the user's own setting, whatever it is
+        else:
+            p = _integer("prefetch_factor", prefetch_factor)
+            if not 1 <= p <= MAX_PREFETCH_FACTOR:
+                raise KnobRefused(f"prefetch_factor must be within 1..{MAX_PREFETCH_FACTOR}, got {p}; "
+                                  f"not applied")
         if w == self.active.num_workers and (w == 0 or p == self.active.prefetch_factor):
             return
         import torch
