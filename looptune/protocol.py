@@ -221,5 +221,6 @@ def check_decision(msg: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError("invalid", "reason must be a UTF-8 string of at most 512 characters")
     return {"id": int(_num(msg, "id", hi=1 << 53, integer=True)), "knob": knob, "value": msg.get("value"),
             "reason": reason, "tuner": str(msg.get("tuner", ""))[:64],
+            "trial": _bool(msg, "trial", False),
             "at_step": int(_num(msg, "at_step", hi=1 << 53, integer=True)) if msg.get("at_step") is not None
             else None}

@@ -449,7 +449,9 @@ class Engine:
                           next(self._ids), started=self._clock(), steady=list(job.steady),
                           losses_before=list(job.losses),
                           nonfinite_at_start=obs.counters.get("loss_nonfinite", 0))
-            decision = {"id": trial.id, "knob": p.knob, "value": p.value, "reason": p.reason, "tuner": tuner.name}
+            # trial: the hook rolls it back itself should it lose this engine before the outcome
+            decision = {"id": trial.id, "knob": p.knob, "value": p.value, "reason": p.reason, "tuner": tuner.name,
+                        "trial": True}
             if not self._send(key, decision):
                 return
             job.trial = trial
@@ -488,6 +490,10 @@ class Engine:
         job.trial = None
         if outcome is Outcome.FAILED:
             self._rebaseline(job, cooldown=True)
+        if outcome is Outcome.KEPT:
+            # settles the trial in the hook: the value stays even if the hook loses this engine later
+            self._send(key, {"id": next(self._ids), "knob": t.proposal.knob, "value": t.proposal.value,
+                             "reason": f"kept: {why}", "tuner": t.tuner.name})
         if outcome is Outcome.KEPT and self.memory is not None and job.last_obs is not None and job.last_obs.signature:
             self.memory.put(job.run, job.last_obs.signature, t.proposal.knob, t.proposal.value, owner=job.owner)
         self._tell(t, outcome, gain, job)

@@ -70,7 +70,8 @@ class FakeJob:
                          "step_seconds": 0.0}
         self.ack = "applied"
         self.inbox: list[dict[str, Any]] = []
-        self.sent: list[dict[str, Any]] = []        # every decision the engine sent, in order
+        self.sent: list[dict[str, Any]] = []        # every trial and roll back the engine sent, in order
+        self.kept_sent: list[dict[str, Any]] = []   # the confirmations of kept trials
         self.applied_log: list[tuple[float, dict[str, Any], str]] = []
         self.reports = 0
         self.trace: list[tuple[float, str | None, Any]] = []   # (time, trial phase after the report, knob)
@@ -78,7 +79,10 @@ class FakeJob:
     # -- the engine's `send` callback --
     def send(self, key: Any, decision: dict[str, Any]) -> bool:
         assert key == self.key
-        self.sent.append(dict(decision))
+        if decision["reason"].startswith("kept: "):
+            self.kept_sent.append(dict(decision))      # settles a kept trial in the hook: no change
+        else:
+            self.sent.append(dict(decision))
         self.inbox.append(dict(decision))
         return True
 
@@ -522,10 +526,10 @@ def test_the_remembered_best_is_offered_and_a_kept_value_is_remembered() -> None
             self.data = {(RUN, "sig-1"): 6}
             self.puts: list[tuple[str, str, str, Any]] = []
 
-        def get(self, run: str, sig: str, knob: str = "num_workers") -> Any:
+        def get(self, run: str, sig: str, knob: str = "num_workers", owner: Any = None) -> Any:
             return self.data.get((run, sig))
 
-        def put(self, run: str, sig: str, knob: str, value: Any) -> None:
+        def put(self, run: str, sig: str, knob: str, value: Any, owner: Any = None) -> None:
             self.puts.append((run, sig, knob, value))
 
     mem = Memory()

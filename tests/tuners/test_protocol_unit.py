@@ -294,7 +294,8 @@ def test_check_applied_rejects(msg: dict[str, Any]) -> None:
 def test_check_decision_good() -> None:
     out = protocol.check_decision(decision())
     assert out == {"id": 7, "knob": "num_workers", "value": 8, "reason": "data wait 40%", "tuner": "workers",
-                   "at_step": 100}
+                   "at_step": 100, "trial": False}
+    assert protocol.check_decision(decision(trial=True))["trial"] is True
     assert protocol.check_decision(decision(at_step=None, tuner="t" * 100))["tuner"] == "t" * 64
 
 

@@ -66,6 +66,7 @@ class Hook:
         self.knobs: dict[str, Any] = {}
         self.decisions: list[Decision] = []
         self.actuators: dict[str, Actuator] = {}
+        self._provisional: dict[str, Any] = {}   # knob -> its value before a trial not yet kept
         self.untunable: dict[str, str] = {}
         self.signature = ""
         self.loader: Any = None          # the first watched loader: its knobs are reported and tuned
@@ -270,12 +271,24 @@ class Hook:
                 outcome, detail = "failed", f"{type(exc).__name__}: {exc}"
                 log.warning("knob %s -> %r failed: %s", knob, new, detail)
             self.refresh_knobs()
+        if outcome == "applied":
+            if d.get("trial"):
+                self._provisional.setdefault(knob, old)     # the value before the first of its trials
+            else:
+                self._provisional.pop(knob, None)           # kept, or rolled back: settled either way
         rec = Decision(knob=knob, old=old, new=new, reason=d.get("reason", ""), outcome=outcome,
                        time=time.time(), step=self.meter.steps, tuner=d.get("tuner", ""), id=d.get("id"),
                        detail=detail)
         self.decisions.append(rec)
         if self._channel is not None:
             self._channel.acknowledge(rec)
+
+    def _abandon_trials(self, why: str) -> None:
+        """Channel thread, the daemon gone: a trial it can no longer judge goes back to the value
+        the knob had before it, at the next step boundary, as a roll back of the job's own."""
+        for knob, old in list(self._provisional.items()):
+            self._queue_decision({"id": None, "knob": knob, "value": old, "reason": f"roll back: {why}",
+                                  "tuner": "", "trial": False})
 
     def refresh_knobs(self) -> None:
         """Read every actuated knob back (after a change, or after the job changed one itself)."""

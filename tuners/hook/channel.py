@@ -117,6 +117,7 @@ class Channel:
                 if h.mode != "daemon":
                     log.info("looptune: reporting to the daemon at %s", path)
                 h.mode = "daemon"
+                self._lines()            # a decision that came in the same read as the welcome
                 return True
             except (OSError, protocol.ProtocolError):
                 s.close()
@@ -151,6 +152,7 @@ class Channel:
         self.buf.clear()
         if self.hook.mode == "daemon":
             log.warning("looptune: lost the daemon; running embedded and retrying")
+            self.hook._abandon_trials("the daemon went away mid-trial")
         self.hook.mode = "embedded"
 
     def _send(self, msg: dict[str, Any]) -> None:
@@ -173,13 +175,16 @@ class Channel:
                 self._drop()
                 return
             self.buf += chunk
-            while b"\n" in self.buf:
-                nl = self.buf.index(b"\n")
-                line = bytes(self.buf[:nl])
-                del self.buf[:nl + 1]
-                self._on_message(line)
+            self._lines()
             if len(self.buf) >= protocol.MAX_MESSAGE_BYTES:
                 self._drop()
+
+    def _lines(self) -> None:
+        while b"\n" in self.buf:
+            nl = self.buf.index(b"\n")
+            line = bytes(self.buf[:nl])
+            del self.buf[:nl + 1]
+            self._on_message(line)
 
     def _on_message(self, line: bytes) -> None:
         try:
