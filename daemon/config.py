@@ -7,14 +7,16 @@ the key path, the value and what is allowed, and raises them together.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import re
+import reprlib
+import stat
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -26,6 +28,19 @@ __all__ = ["Config", "ConfigError", "opt", "section", "parse", "load", "load_res
 DEFAULT_PORT = 19400
 SYSTEM_CONFIG = "/etc/looptune/config.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Bounds on what a config file may hold. A config is a few dozen keys of a few KiB; these stop a
+# hostile or broken file from costing the daemon seconds, gigabytes or a crash at start or reload.
+MAX_FILE_BYTES = 1 << 20        # read at most this much; a larger file is refused before parsing
+MAX_DEPTH = 16                  # nesting of mappings and lists (config.yaml needs 4)
+MAX_NODES = 10_000              # values, keys, lists and mappings together (config.yaml has about 60)
+MAX_STRING_CHARS = 4096         # one string value (PATH_MAX is 4096)
+MAX_ITEMS = 1024                # items of one list, keys of one mapping
+MAX_NUMBER_CHARS = 64           # an integer written longer than this is out of range of every key
+MAX_SHOWN_CHARS = 80            # a value quoted in a problem is cut to this, so a problem stays one short line
+MAX_PROBLEMS = 20               # problems listed; the rest are counted
+SOCKET_PATH_MAX_BYTES = 107     # sun_path holds 108 bytes with the terminating NUL
+INT_LIMIT = 2**63 - 1           # the range of a number whose key gives no bound of its own
 
 
 class ConfigError(ValueError):
@@ -39,7 +54,8 @@ class ConfigError(ValueError):
 
 def _check_listen(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII digits only: str.isdigit() is true of "²", which int() refuses
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         return "is not HOST:PORT with a port in 1..65535"
     return None
 
@@ -49,6 +65,22 @@ def _check_regex(value: str) -> str | None:
         re.compile(value)
     except re.error as exc:
         return f"is not a valid regular expression: {exc}"
+    except RecursionError:
+        return "is not a valid regular expression: nested too deeply"
+    except (OverflowError, ValueError) as exc:     # a{99999999999}: "the repetition number is too large"
+        return f"is not a valid regular expression: {exc}"
+    return None
+
+
+def _check_socket(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        size = len(os.fsencode(value))
+    except UnicodeError:
+        return "cannot be written as a file name"
+    if size > SOCKET_PATH_MAX_BYTES:
+        return f"is {size} bytes long; a unix socket path is at most {SOCKET_PATH_MAX_BYTES} bytes"
     return None
 
 
@@ -73,7 +105,7 @@ class DaemonConfig:
     socket: str = opt("", "Unix socket the training hooks talk to. Empty: $RUNTIME_DIRECTORY/looptune.sock "
                           "(systemd), else /run/looptune/looptune.sock, else for a non-root daemon "
                           "$XDG_RUNTIME_DIR/looptune/looptune.sock or /tmp/looptune-UID/looptune.sock. "
-                          "Changes need a restart.")
+                          "Changes need a restart.", check=_check_socket)
     log_level: str = opt("info", "Log verbosity.", choices=LOG_LEVELS)
     allowed_uids: list[int] = opt([], "Users (uids) that may connect to the socket. Empty: any local user, "
                                       "each seeing and tuning only its own jobs.", lo=0, hi=2**32 - 1)
@@ -141,8 +173,7 @@ class HookConfig:
 
 
 def _check_tuner(name: str) -> str | None:
-    from looptune.tuners.registry import available
-    known = available()
+    known = _known_tuners()
     return None if name in known else f"is not a known tuner; known: {', '.join(sorted(known))}"
 
 
@@ -182,6 +213,82 @@ class Config:
 
 # ---- loading and validation ----
 
+class HugeNumber:
+    """An integer in the file too long to be read (more than MAX_NUMBER_CHARS digits): out of range of
+    every key. Never converted: int() of a 5,000-digit string raises, and float() of a 400-digit int."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"a {self.digits}-digit number"
+
+
+def _int_text(value: int) -> str:
+    """An int as written, or "a 400-digit number" when it is long (str() of a huge int may raise)."""
+    if value.bit_length() <= 128:      # up to 39 digits
+        return str(value)
+    if value.bit_length() < 4000 * 3:
+        return f"a {len(str(abs(value)))}-digit number"
+    return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr() that never renders more than a bounded part of a value (strings, lists, huge ints)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdict = 8
+        self.maxstring = self.maxother = MAX_SHOWN_CHARS
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(x) if len(x) <= self.maxstring else repr(x[:self.maxstring]) + "…"
+
+    def repr_int(self, x: int, level: int) -> str:
+        return _int_text(x)
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        try:
+            return _cut(repr(x))
+        except Exception:  # noqa: BLE001 - a value that cannot be shown must not hide the problem
+            return f"<{type(x).__name__}>"
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def _cut(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _show(value: Any) -> str:
+    """A value for a problem line: its repr, at most MAX_SHOWN_CHARS characters."""
+    return _cut(_SHORT_REPR.repr(value))
+
+
+def _show_key(key: Any) -> str:
+    """A key in a path: as written when it is a short printable string, else its shortened repr."""
+    if isinstance(key, str) and key.isprintable() and 0 < len(key) <= MAX_SHOWN_CHARS:
+        return key
+    return _show(key)
+
+
+def _text_problem(value: str) -> str | None:
+    """What makes a string value unusable whatever its key: length, NUL, lone surrogates."""
+    if len(value) > MAX_STRING_CHARS:
+        return f"a string of {len(value)} characters is too long; at most {MAX_STRING_CHARS}"
+    if "\0" in value:
+        return f"{_show(value)} holds a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{_show(value)} is not text: character {exc.start + 1} is a lone surrogate"
+    return None
+
+
 def _type_name(tp: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
@@ -197,30 +304,43 @@ def _coerce(value: Any, tp: Any, path: str, meta: dict, problems: list[str]) -> 
         origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is list:
         if not isinstance(value, list):
-            problems.append(f"{path}: {value!r} is not a list")
+            problems.append(f"{path}: {_show(value)} is not a list")
+            return None
+        if len(value) > MAX_ITEMS:
+            problems.append(f"{path}: a list of {len(value)} items is too long; at most {MAX_ITEMS}")
             return None
         out = [_coerce(v, args[0], f"{path}[{i}]", meta, problems) for i, v in enumerate(value)]
         return out
+    number = tp is float or tp is int
+    huge = number and isinstance(value, HugeNumber)
     ok = (isinstance(value, bool) if tp is bool else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
-          isinstance(value, int) and not isinstance(value, bool) if tp is int else
+          huge or isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
+          huge or isinstance(value, int) and not isinstance(value, bool) if tp is int else
           isinstance(value, str) if tp is str else True)
     allowed = _allowed(meta)
     if not ok:
-        problems.append(f"{path}: {value!r} is not {_type_name(tp)}" + (f"; allowed {allowed}" if allowed else ""))
+        problems.append(f"{path}: {_show(value)} is not {_type_name(tp)}" + (f"; allowed {allowed}" if allowed else ""))
         return None
-    if tp is float:
-        value = float(value)
+    if isinstance(value, str) and (msg := _text_problem(value)):
+        problems.append(f"{path}: {msg}")
+        return None
     lo, hi, choices, check = meta.get("lo"), meta.get("hi"), meta.get("choices"), meta.get("check")
-    # `not lo <= value`, not `value < lo`: NaN fails every comparison and must not slip through
-    if (lo is not None and not lo <= value) or (hi is not None and not value <= hi):
-        problems.append(f"{path}: {_fmt(value)} is out of range; allowed {allowed}")
-        return None
+    if number:
+        # a key without bounds still takes no number beyond 64 bits (nor inf or NaN)
+        lo_eff = lo if lo is not None else -INT_LIMIT
+        hi_eff = hi if hi is not None else INT_LIMIT
+        # compared before float(): an int compares exactly with a float, float() of a huge int raises.
+        # `not lo <= value`, not `value < lo`: NaN fails every comparison and must not slip through
+        if huge or not lo_eff <= value or not value <= hi_eff:
+            problems.append(f"{path}: {_fmt(value)} is out of range; allowed {_fmt(lo_eff)}..{_fmt(hi_eff)}")
+            return None
+        if tp is float:
+            value = float(value)
     if choices and value not in choices:
-        problems.append(f"{path}: {value!r} is not allowed; allowed {allowed}")
+        problems.append(f"{path}: {_show(value)} is not allowed; allowed {allowed}")
         return None
     if check and (msg := check(value)):
-        problems.append(f"{path}: {value!r} {msg}")
+        problems.append(f"{path}: {_show(value)} {msg}")
         return None
     return value
 
@@ -229,7 +349,9 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         short = f"{value:g}"
         return short if float(short) == value else repr(value)   # never show 60.0000001 as 60
-    return str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _int_text(value)
+    return _show(value)
 
 
 def _allowed(meta: dict) -> str:
@@ -246,7 +368,10 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(f"{path or '<top>'}: {data!r} is not a mapping of keys")
+        problems.append(f"{path or '<top>'}: {_show(data)} is not a mapping of keys")
+        return cls()
+    if len(data) > MAX_ITEMS:
+        problems.append(f"{path or '<top>'}: a mapping of {len(data)} keys is too long; at most {MAX_ITEMS}")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("tuner_sections")}
@@ -262,7 +387,7 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             if options_cls is not None:
                 kwargs[sections][key] = _build(options_cls, data[key], prefix + key, problems)
             continue
-        problems.append(f"{prefix}{key}: unknown key; allowed keys here: {', '.join(fields)}")
+        problems.append(f"{prefix}{_show_key(key)}: unknown key; allowed keys here: {', '.join(fields)}")
     for name, f in fields.items():
         if name not in data:
             continue
@@ -287,13 +412,28 @@ def _builtin_tuner_options() -> dict[str, Any]:
     return out
 
 
+# The known tuners, looked up once per parse(): the lookup reads every entry point (about a
+# millisecond), and a file may name a thousand.
+_KNOWN_TUNERS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("_KNOWN_TUNERS",
+                                                                                     default=None)
+
+
+def _known_tuners() -> dict[str, str]:
+    known = _KNOWN_TUNERS.get()
+    if known is None:
+        from looptune.tuners.registry import available
+        known = available()
+    return known
+
+
 def _tuner_options(name: str, prefix: str, problems: list[str]) -> type | None:
     """The Options dataclass of tuner `name` (a tuners.<name> section), or None with the problem noted."""
-    from looptune.tuners.registry import TunerLoadError, available, load_factory
+    from looptune.tuners.registry import TunerLoadError, load_factory
     fields = [f.name for f in dataclasses.fields(TunersConfig) if not f.metadata.get("tuner_sections")]
-    if name not in available():
-        problems.append(f"{prefix}{name}: unknown key; allowed keys here: {', '.join(fields)}, or a tuner's "
-                        f"name for its options ({', '.join(sorted(available()))})")
+    known = _known_tuners()
+    if name not in known:
+        problems.append(f"{prefix}{_show_key(name)}: unknown key; allowed keys here: {', '.join(fields)}, or a "
+                        f"tuner's name for its options ({', '.join(sorted(known))})")
         return None
     try:
         options_cls = getattr(load_factory(name), "Options", None)
@@ -307,28 +447,159 @@ def _tuner_options(name: str, prefix: str, problems: list[str]) -> type | None:
 
 
 def parse(data: Any, source: str = "<config>") -> Config:
-    """Validate a decoded YAML document; raises ConfigError listing every problem."""
+    """Validate a decoded YAML document; raises ConfigError listing every problem (the first
+    MAX_PROBLEMS of them, and how many more)."""
+    from looptune.tuners.registry import available
     problems: list[str] = []
-    config = _build(Config, data, "", problems)
+    token = _KNOWN_TUNERS.set(available())
+    try:
+        config = _build(Config, data, "", problems)
+    finally:
+        _KNOWN_TUNERS.reset(token)
     if problems:
+        if len(problems) > MAX_PROBLEMS:
+            more = len(problems) - MAX_PROBLEMS
+            problems = problems[:MAX_PROBLEMS] + [f"and {more} more problem{'s' if more > 1 else ''} not shown"]
         raise ConfigError(problems, source)
     return config
 
 
-def load(path: str | os.PathLike) -> Config:
-    """Load and validate one file. Missing keys take their defaults; an empty file is all defaults."""
-    source = str(path)
+class _LoadError(yaml.YAMLError):
+    """A file the config loader refuses: `problem` at `problem_mark`, like PyYAML's own errors."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = str(loader.construct_scalar(node))
+    digits = text.replace("_", "").lstrip("+-")
+    if len(digits) > MAX_NUMBER_CHARS:
+        return HugeNumber(len(digits))
+    return loader.construct_yaml_int(node)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without what a config never needs and an attacker would use: anchors and
+    aliases (a few hundred bytes of aliases expand to gigabytes), nesting deeper than MAX_DEPTH (the
+    composer recurses), more than MAX_NODES nodes, integers too long to read."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _LoadError(f"aliases are not allowed (*{_cut(str(event.anchor), 40)})", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _LoadError(f"anchors and aliases are not allowed (&{_cut(str(event.anchor), 40)})",
+                             event.start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _LoadError(f"more than {MAX_NODES} values", event.start_mark)
+        if not isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _LoadError(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+            # an explicit tag on a value it does not fit: `!!int abc`, `!!bool maybe`, `!!timestamp x`
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            raise _LoadError(f"{_show(getattr(node, 'value', ''))} cannot be read as {_cut(tag, 40)}",
+                             node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _read_bounded(path: str | os.PathLike, source: str) -> bytes:
+    """At most MAX_FILE_BYTES of the file; a larger one is refused from its size, unread. Non-blocking
+    open: a FIFO in place of the file must not hang the daemon's reload."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError([f"cannot read: {exc.strerror}"], source) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"], source) from None
-    return parse(data, source)
+        st = os.fstat(fd)
+        if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(["is not a regular file"], source)
+        size = st.st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError([f"file is {size} bytes; at most {MAX_FILE_BYTES}"], source)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= MAX_FILE_BYTES:
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > MAX_FILE_BYTES:      # grew since fstat, or not a regular file (a device, a pipe)
+            raise ConfigError([f"file is more than {MAX_FILE_BYTES} bytes; at most {MAX_FILE_BYTES}"], source)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"], source) from None
+    finally:
+        os.close(fd)
+
+
+def _decode(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([f"line {line} column {column}: byte 0x{raw[exc.start]:02x} is not UTF-8; "
+                           "a config file is UTF-8 text"], source) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    if isinstance(exc, yaml.reader.ReaderError):     # a control character: its position, not a mark
+        pos = exc.position
+        line = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"line {line} column {column}: not valid YAML: character #x{char:04x} is not allowed"
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+    if isinstance(exc, _LoadError):
+        return where + exc.problem
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"{where}not valid YAML: {_cut(str(problem), 200)}"
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Load and validate one file. Missing keys take their defaults; an empty file is all defaults.
+
+    Whatever the file holds, the only error is a ConfigError: at start, on reload and in
+    `looptune config check` alike."""
+    source = str(path)
+    try:
+        text = _decode(_read_bounded(path, source), source)
+        try:
+            data = yaml.load(text, Loader=_Loader)   # noqa: S506 - _Loader is a SafeLoader
+        except yaml.YAMLError as exc:
+            raise ConfigError([_yaml_problem(exc, text)], source) from None
+        return parse(data, source)
+    except ConfigError:
+        raise
+    except (RecursionError, MemoryError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        # the last line of defence: nothing a file holds may crash the daemon or print a traceback
+        raise ConfigError([f"cannot be loaded: {type(exc).__name__}: {_cut(str(exc), 200)}"], source) from None
 
 
 def resolve_path(cli_path: str | None, environ: typing.Mapping[str, str] = os.environ,
