@@ -194,6 +194,7 @@ class HookServer:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()      # guards _conns' outboxes against other threads' send()
         self._stop = threading.Event()
+        self._recheck_uids = False
         self._thread = threading.Thread(target=self._serve, name="looptune-socket", daemon=True)
 
     # ---- public, thread-safe ----
@@ -230,6 +231,13 @@ class HookServer:
     def connections(self) -> int:
         return len(self._conns)
 
+    def set_allowed_uids(self, uids: Iterable[int]) -> None:
+        """A reload changed daemon.allowed_uids: connections of a uid no longer allowed are closed
+        (in the server's thread, at its next turn), not only new ones refused."""
+        self.allowed_uids = set(uids)
+        self._recheck_uids = True
+        self._wake()
+
     # ---- the loop ----
 
     def _wake(self) -> None:
@@ -249,6 +257,11 @@ class HookServer:
                 time.sleep(0.05)
 
     def _turn(self) -> None:
+        if self._recheck_uids:
+            self._recheck_uids = False
+            for c in list(self._conns.values()):
+                if self.allowed_uids and c.uid not in self.allowed_uids:
+                    self._reject(c, "uid_denied", f"uid {c.uid} may no longer connect (daemon.allowed_uids)")
         with self._lock:
             for c in self._conns.values():
                 want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)

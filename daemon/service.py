@@ -322,7 +322,7 @@ class Daemon:
         self.hooks.owners.ttl_seconds = new.jobs.run_owner_days * 86400
         self.hooks.max_jobs_per_uid, self.hooks.max_jobs = new.jobs.max_jobs_per_user, new.jobs.max_jobs
         if self.socket_server is not None:
-            self.socket_server.allowed_uids = set(new.daemon.allowed_uids)
+            self.socket_server.set_allowed_uids(new.daemon.allowed_uids)
             self.socket_server.report_interval = new.hook.report_interval_seconds
             self.socket_server.max_per_uid = new.jobs.max_jobs_per_user + 8
             self.socket_server.max_connections = new.jobs.max_jobs + 64

@@ -914,6 +914,25 @@ def test_a_hello_for_the_pid_of_a_connection_whose_process_is_gone_is_refused(in
     assert msg["type"] == "error" and msg["reason"] == "pid_mismatch" and "gone" in msg["detail"], msg
 
 
+def test_a_reload_that_denies_a_uid_closes_its_open_connections(inproc: Daemon, workdir: Path) -> None:
+    nobody = Agent(Path(inproc.socket_path), NOBODY)
+    try:
+        nobody.call({"op": "hold", "n": 3})
+        server = inproc.socket_server
+        assert server is not None
+        wait_for(lambda: server.connections() == 3, "nobody's 3 connections")
+        path = workdir / "deny.yaml"
+        path.write_text("daemon:\n  allowed_uids: [0]\ncollectors:\n  host: {enabled: false}\n"
+                        "  jobs: {enabled: false}\n  gpu: {enabled: false}\ntuners:\n  enabled: []\n")
+        inproc.config_cli_path = str(path)
+        assert inproc.reload()
+        wait_for(lambda: server.connections() == 0, "the denied uid's connections closed")
+        assert server.rejected["uid_denied"] == 3
+    finally:
+        nobody.call({"op": "release"})
+        nobody.close()
+
+
 def test_decision_counters_leave_with_their_run(inproc: Daemon) -> None:
     assert inproc.engine is not None
     inproc.engine.outcomes[("gone-run", "workers", "num_workers", "kept")] = 2
