@@ -2,7 +2,12 @@
 
 Without the library, the driver or a GPU, `sample()` raises NVMLUnavailable: the sampler
 counts it and reports the collector down; the reason is logged once, and initialisation is
-retried quietly every `retry_seconds` (a driver may be loaded later).
+retried quietly, after 2 s, then 4, 8 ... up to every `retry_seconds` (a driver being reloaded
+comes back within seconds; one never installed costs a retry a minute).
+
+A GPU that is lost (fallen off the bus, needing a reset) is that GPU's problem alone: it is
+reported with looptune_gpu_up 0 and no figures, logged once, asked again every sample, and the
+other GPUs go on being sampled. Only errors of NVML as a whole re-initialise it.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ class GpuSnapshot:
     driver_version: str
     gpus: list[GpuSample]
     processes: list[GpuProcess]
+    lost: list[tuple[int, str]] = field(default_factory=list)   # (index, uuid or "") of lost GPUs
 
 
 @dataclass
@@ -70,6 +76,11 @@ class _Device:
     pci_bus_id: str
     last_process_ts: int = 0      # µs timestamp of the newest process-utilization sample seen
     xid: dict[int, int] = field(default_factory=dict)
+
+
+# errors of one device, not of NVML: that GPU is skipped, the others sampled
+_DEVICE_LOST = ("GpuIsLost", "ResetRequired")
+FIRST_RETRY_SECONDS = 2.0
 
 
 def _text(value: Any) -> str:
@@ -89,6 +100,8 @@ class GpuCollector:
         self._events: Any = None
         self._unavailable: str | None = None
         self._next_init = 0.0
+        self._retry_delay = FIRST_RETRY_SECONDS
+        self._lost: dict[int, str] = {}              # index -> uuid ("" if never read) of lost GPUs
         self._xid: dict[str, dict[int, int]] = {}   # uuid -> XID code -> count; survives re-init
         self.last: GpuSnapshot | None = None
 
@@ -103,7 +116,8 @@ class GpuCollector:
         except NVMLUnavailable as exc:
             if self._unavailable is None:
                 log.warning("GPU collector down: %s; the daemon runs on without GPU metrics", exc)
-            self._unavailable, self._next_init = str(exc), now + self.retry_seconds
+            self._unavailable = str(exc)
+            self._backoff(now)
             raise
         nv = self.nvml.module
         try:
@@ -113,28 +127,45 @@ class GpuCollector:
                 msg = "NVML found no GPU on this host"
                 if self._unavailable is None:
                     log.warning("GPU collector down: %s", msg)
-                self._unavailable, self._next_init = msg, now + self.retry_seconds
+                self._unavailable = msg
+                self._backoff(now)
                 raise NVMLUnavailable(msg)
             self._driver = _text(nv.nvmlSystemGetDriverVersion())
             devices = []
             for i in range(count):
-                h = nv.nvmlDeviceGetHandleByIndex(i)
-                pci = self.nvml.query("nvmlDeviceGetPciInfo", i, h)
-                uuid = _text(nv.nvmlDeviceGetUUID(h))
-                devices.append(_Device(i, h, uuid, _text(nv.nvmlDeviceGetName(h)),
-                                       _text(pci.busId) if pci is not None else "",
-                                       xid=self._xid.setdefault(uuid, {})))
+                try:
+                    h = nv.nvmlDeviceGetHandleByIndex(i)
+                    pci = self.nvml.query("nvmlDeviceGetPciInfo", i, h)
+                    uuid = _text(nv.nvmlDeviceGetUUID(h))
+                    devices.append(_Device(i, h, uuid, _text(nv.nvmlDeviceGetName(h)),
+                                           _text(pci.busId) if pci is not None else "",
+                                           xid=self._xid.setdefault(uuid, {})))
+                except nv.NVMLError as exc:
+                    if error_name(exc) not in _DEVICE_LOST:
+                        raise
+                    self._mark_lost(i, self._lost.get(i, ""), exc)
             events = self._register_xid_events(devices)
         except nv.NVMLError:
             self.nvml.shutdown()   # NVML refcounts init: a failed init must not leave it open
             raise
         self._devices = devices
         self._events = events
+        self._retry_delay = FIRST_RETRY_SECONDS
         if self._unavailable is not None:
             log.info("GPU collector up: %d GPU(s), driver %s", count, self._driver)
         else:
             log.info("GPU collector: %d GPU(s), driver %s", count, self._driver)
         self._unavailable = None
+
+    def _backoff(self, now: float) -> None:
+        self._next_init = now + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, self.retry_seconds)
+
+    def _mark_lost(self, index: int, uuid: str, exc: BaseException) -> None:
+        if index not in self._lost:
+            log.warning("GPU %d %s is lost (%s); the other GPUs are still sampled, this one asked again "
+                        "each sample", index, uuid, error_name(exc))
+        self._lost[index] = uuid
 
     def _register_xid_events(self, devices: list[_Device]) -> Any:
         nv = self.nvml.module
@@ -164,14 +195,25 @@ class GpuCollector:
         nv = self.nvml.module
         try:
             self._drain_xid_events()
-            gpus = [self._sample_device(d) for d in self._devices or []]
-            procs = [p for d in self._devices or [] for p in self._processes(d)]
+            gpus, procs = [], []
+            for d in self._devices or []:
+                try:
+                    g = self._sample_device(d)
+                    procs.extend(self._processes(d))
+                except nv.NVMLError as exc:
+                    if error_name(exc) not in _DEVICE_LOST:
+                        raise
+                    self._mark_lost(d.index, d.uuid, exc)
+                    continue
+                if self._lost.pop(d.index, None) is not None:
+                    log.info("GPU %d %s answers again", d.index, d.uuid)
+                gpus.append(g)
         except nv.NVMLError as exc:
             if self.nvml.is_fatal(exc):
                 log.warning("NVML %s: re-initialising on the next sample", error_name(exc))
                 self._reset()
             raise
-        self.last = GpuSnapshot(self._driver, gpus, procs)
+        self.last = GpuSnapshot(self._driver, gpus, procs, sorted(self._lost.items()))
         return self.last
 
     def _sample_device(self, d: _Device) -> GpuSample:
@@ -275,7 +317,14 @@ class GpuCollector:
         for g in snap.gpus:
             info.add_metric([str(g.index), g.uuid, g.name, snap.driver_version, g.pci_bus_id], 1)
         yield info
-        yield GaugeMetricFamily("looptune_gpus", "GPUs NVML sees on this host.", value=len(snap.gpus))
+        yield GaugeMetricFamily("looptune_gpus", "GPUs NVML sees on this host.", value=len(snap.gpus) + len(snap.lost))
+        up = GaugeMetricFamily("looptune_gpu_up", "1 while the GPU answers; 0 when it is lost (fallen off the "
+                               "bus, needs a reset): its other figures are absent then.", labels=labels)
+        for g in snap.gpus:
+            up.add_metric([str(g.index), g.uuid], 1)
+        for index, uuid in snap.lost:
+            up.add_metric([str(index), uuid], 0)
+        yield up
         for key, (kind, help_) in _VALUE_METRICS.items():
             cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             fam = cls(f"looptune_gpu_{key}", help_, labels=labels)

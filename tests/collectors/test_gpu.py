@@ -299,9 +299,11 @@ def test_pynvml_module_missing(monkeypatch: pytest.MonkeyPatch, caplog: pytest.L
 
 
 @pytest.mark.parametrize("make, reason", UNAVAILABLE)
-def test_unavailable_via_sampler_counted_once_and_retried_after_retry_seconds(
+def test_unavailable_via_sampler_counted_once_and_retried_with_backoff(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         make: Callable[[], FakeNVML], reason: str) -> None:
+    """Retries after 2 s, then 4, 8 ... up to retry_seconds: a driver reload is back within
+    seconds (it once waited a full minute), a host without one costs a retry a minute."""
     caplog.set_level(logging.INFO, logger="looptune")
     fake = install(monkeypatch, make())
     now = [1000.0]
@@ -310,34 +312,28 @@ def test_unavailable_via_sampler_counted_once_and_retried_after_retry_seconds(
     reg = exporter_registry(s)
     up = {"collector": "gpu"}
 
-    for _ in range(4):
+    inits = []
+    for _ in range(240):                      # 4 minutes of 1 s samples
         s.sample_once()
-        now[0] += 10.0
-    assert fake.calls["nvmlInit"] == 1                       # not retried before retry_seconds
+        inits.append(fake.calls["nvmlInit"])
+        now[0] += 1.0
+    first_at = [i for i in range(1, len(inits)) if inits[i] != inits[i - 1]]
+    gaps = [b - a for a, b in zip([0] + first_at, first_at)]
+    assert gaps[:5] == [2, 4, 8, 16, 32] and all(g == 60 for g in gaps[5:]), gaps
     assert reg.get_sample_value("looptune_collector_up", up) == 0
     assert reg.get_sample_value("looptune_collector_errors_total", up) == 1   # once per outage
     assert reg.get_sample_value("looptune_gpus") is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and reason in warnings[0], warnings
 
-    now[0] = 1059.9
-    s.sample_once()
-    assert fake.calls["nvmlInit"] == 1
-    now[0] = 1060.0
-    s.sample_once()                                          # retried, still failing: quiet
-    assert fake.calls["nvmlInit"] == 2
-    assert reg.get_sample_value("looptune_collector_errors_total", up) == 1
-    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
-
     fake.state = FakeNVML.from_trace(H200).state              # the driver got loaded
-    now[0] += 30.0
-    s.sample_once()
-    assert fake.calls["nvmlInit"] == 2                       # still waiting for the next retry
-    assert reg.get_sample_value("looptune_collector_up", up) == 0
-    now[0] += 30.0
-    s.sample_once()
-    assert fake.calls["nvmlInit"] == 3
-    assert reg.get_sample_value("looptune_collector_up", up) == 1
+    calls = fake.calls["nvmlInit"]
+    for _ in range(61):
+        s.sample_once()
+        now[0] += 1.0
+        if reg.get_sample_value("looptune_collector_up", up) == 1:
+            break
+    assert fake.calls["nvmlInit"] == calls + 1
     assert reg.get_sample_value("looptune_gpus") == 2
     assert reg.get_sample_value("looptune_gpu_power_watts", gpu_labels(0, U0)) == pytest.approx(300.123)
     assert reg.get_sample_value("looptune_collector_errors_total", up) == 1
@@ -364,48 +360,71 @@ def test_soft_error_leaves_value_out_for_that_sample(h200: FakeNVML) -> None:
     assert h200.device_calls[("nvmlDeviceGetPowerUsage", 0)] == 2
 
 
-def test_gpu_lost_fails_sample_and_reinitialises(h200: FakeNVML) -> None:
+def test_a_lost_gpu_is_that_gpus_problem_alone(h200: FakeNVML, caplog: pytest.LogCaptureFixture) -> None:
+    """GPU_IS_LOST on one GPU once blanked every GPU's metrics (the whole collector went down and
+    NVML was re-initialised): now the other GPU is sampled on, the lost one shows looptune_gpu_up 0."""
+    caplog.set_level(logging.INFO, logger="looptune")
     gpu = GpuCollector()
     s = Sampler(gpu, interval=1.0, timeout=5.0)
     reg = exporter_registry(s)
     up = {"collector": "gpu"}
+    g0, g1 = gpu_labels(0, U0), gpu_labels(1, U1)
     s.sample_once()
-    assert reg.get_sample_value("looptune_collector_up", up) == 1
+    assert reg.get_sample_value("looptune_gpu_up", g1) == 1
 
     h200.set_error("*", "GPU_IS_LOST", index=1)
-    s.sample_once()
-    assert reg.get_sample_value("looptune_collector_up", up) == 0
-    assert reg.get_sample_value("looptune_collector_errors_total", up) == 1
-    assert h200.calls["nvmlShutdown"] == 1 and h200.state.init_count == 0   # reset
-    s.sample_once()                    # still lost: re-init fails, counted, NVML not left open
-    assert reg.get_sample_value("looptune_collector_up", up) == 0
-    assert reg.get_sample_value("looptune_collector_errors_total", up) == 2
-    assert h200.calls["nvmlInit"] == 2
-    assert h200.state.init_count == 0
+    for _ in range(3):
+        s.sample_once()
+        assert reg.get_sample_value("looptune_collector_up", up) == 1
+        assert reg.get_sample_value("looptune_collector_errors_total", up) == 0
+        assert reg.get_sample_value("looptune_gpu_power_watts", g0) == pytest.approx(300.123)
+        assert reg.get_sample_value("looptune_gpu_up", g0) == 1
+        assert reg.get_sample_value("looptune_gpu_up", g1) == 0
+        assert reg.get_sample_value("looptune_gpu_power_watts", g1) is None
+        assert reg.get_sample_value("looptune_gpus") == 2
+    assert h200.calls["nvmlShutdown"] == 0 and h200.calls["nvmlInit"] == 1     # NVML itself untouched
+    lost_lines = [r for r in caplog.records if "is lost" in r.getMessage()]
+    assert len(lost_lines) == 1 and "GpuIsLost" in lost_lines[0].getMessage()
 
     h200.clear_error("*", index=1)
     s.sample_once()
-    assert h200.calls["nvmlInit"] == 3 and h200.state.init_count == 1
-    assert reg.get_sample_value("looptune_collector_up", up) == 1
-    assert reg.get_sample_value("looptune_gpus") == 2
-    assert reg.get_sample_value("looptune_gpu_power_watts", gpu_labels(1, U1)) == pytest.approx(287.45)
-    assert reg.get_sample_value("looptune_collector_errors_total", up) == 2
+    assert reg.get_sample_value("looptune_gpu_up", g1) == 1
+    assert reg.get_sample_value("looptune_gpu_power_watts", g1) == pytest.approx(287.45)
     gpu.close()
     assert h200.state.init_count == 0
 
 
-def test_xid_seen_before_a_lost_gpu_survives_the_reinit(h200: FakeNVML) -> None:
-    """XID 79 (fallen off the bus) comes with GPU_IS_LOST: its count must not vanish with the reset."""
+def test_a_gpu_lost_before_the_start_is_skipped_at_init(h200: FakeNVML) -> None:
+    h200.set_error("*", "GPU_IS_LOST", index=1)
+    gpu = GpuCollector()
+    snap = gpu.sample()
+    assert [g.index for g in snap.gpus] == [0] and snap.lost == [(1, "")]
+    reg = registry_of(gpu)
+    assert reg.get_sample_value("looptune_gpu_up", {"gpu": "1", "uuid": ""}) == 0
+
+
+def test_xid_seen_before_a_lost_gpu_survives(h200: FakeNVML) -> None:
+    """XID 79 (fallen off the bus) comes with GPU_IS_LOST: its count must not vanish."""
     gpu = GpuCollector()
     gpu.sample()
     h200.inject_xid(1, 79)
     h200.set_error("nvmlDeviceGetUtilizationRates", "GPU_IS_LOST", index=1)
-    with pytest.raises(REAL.NVMLError_GpuIsLost):
-        gpu.sample()
+    assert [g.index for g in gpu.sample().gpus] == [0]
     h200.clear_error("nvmlDeviceGetUtilizationRates", index=1)
     gpu.sample()
     reg = registry_of(gpu)
     assert reg.get_sample_value("looptune_gpu_xid_errors_total", {**gpu_labels(1, U1), "xid": "79"}) == 1
+
+
+def test_nvml_errors_of_the_whole_library_still_reinitialise(h200: FakeNVML) -> None:
+    gpu = GpuCollector()
+    gpu.sample()
+    h200.set_error("nvmlDeviceGetUtilizationRates", "UNINITIALIZED", index=0)
+    with pytest.raises(REAL.NVMLError_Uninitialized):
+        gpu.sample()
+    assert h200.calls["nvmlShutdown"] == 1
+    h200.clear_error("nvmlDeviceGetUtilizationRates", index=0)
+    assert len(gpu.sample().gpus) == 2 and h200.calls["nvmlInit"] == 2
 
 
 # ---- a hung driver call -----------------------------------------------------------------------
