@@ -419,7 +419,7 @@ class MetricsServer:
                 return
             conn.buf += data
             end = conn.buf.find(b"\r\n\r\n")
-            if end < 0 and len(conn.buf) > MAX_HEAD_BYTES:
+            if (end < 0 and len(conn.buf) > MAX_HEAD_BYTES) or end > MAX_HEAD_BYTES:
                 self._respond(conn, _simple_response("431 Request Header Fields Too Large", "request head too large\n"))
                 return
             if end >= 0:

@@ -309,3 +309,16 @@ def test_hook_accept_errors_back_off_without_spinning_or_flooding_the_log(daemon
             time.sleep(0.2)
     assert http_get(d.url)[0] == 200
     assert d.running()
+
+
+def test_oversized_request_head_is_refused() -> None:
+    port = free_port()
+    server, _ = metrics_http.start("127.0.0.1", port, counting_registry(), lambda: 0, cfg.TLS())
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n")
+            answer = s.makefile("rb").readline()
+        assert answer.startswith(b"HTTP/1.1 431"), answer
+    finally:
+        server.shutdown()
+        server.server_close()
