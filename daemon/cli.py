@@ -27,6 +27,7 @@ def _setup_logging(level: str = "info") -> None:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    from looptune.daemon.http import ListenError
     from looptune.daemon.server import SocketInUse, UnsafeSocketDir
     from looptune.daemon.service import Daemon
 
@@ -49,7 +50,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda *_: d.request_reload())
     try:
         d.start()
-    except (OSError, SocketInUse, UnsafeSocketDir) as exc:
+    except (OSError, SocketInUse, UnsafeSocketDir, ListenError) as exc:
         log.error("cannot start: %s", exc)
         d.shutdown()
         return 1

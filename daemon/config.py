@@ -100,7 +100,12 @@ class TLS:
 class DaemonConfig:
     listen: str = opt(f"0.0.0.0:{DEFAULT_PORT}",
                       f"HOST:PORT of the Prometheus endpoint (/metrics). {DEFAULT_PORT} sits outside "
-                      "the 9100-9999 range that well-known exporters occupy. Changes need a restart.",
+                      "the 9100-9999 range that well-known exporters occupy. All interfaces by default, "
+                      "because Prometheus scrapes from another host; the endpoint is read-only, drops a "
+                      "client that has not sent its request 5 seconds after connecting and holds at most 1024 "
+                      "connections. Use 127.0.0.1:PORT where the scraper runs on this node, a firewall "
+                      "to admit only the Prometheus servers, and daemon.tls for HTTPS and client "
+                      "certificates. Changes need a restart.",
                       check=_check_listen)
     socket: str = opt("", "Unix socket the training hooks talk to. Empty: $RUNTIME_DIRECTORY/looptune.sock "
                           "(systemd), else /run/looptune/looptune.sock, else for a non-root daemon "

@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from looptune.daemon.accept import TRANSIENT, AcceptGate
 from looptune.daemon.hooks import HookJob, HookRegistry
 from looptune import protocol
 from looptune.protocol import ProtocolError
@@ -195,6 +196,8 @@ class HookServer:
         self._lock = threading.Lock()      # guards _conns' outboxes against other threads' send()
         self._stop = threading.Event()
         self._recheck_uids = False
+        self._accept_gate = AcceptGate(path, log)
+        self._accept_paused = False
         self._thread = threading.Thread(target=self._serve, name="looptune-socket", daemon=True)
 
     # ---- public, thread-safe ----
@@ -262,12 +265,20 @@ class HookServer:
             for c in list(self._conns.values()):
                 if self.allowed_uids and c.uid not in self.allowed_uids:
                     self._reject(c, "uid_denied", f"uid {c.uid} may no longer connect (daemon.allowed_uids)")
+        timeout = 0.5
+        if self._accept_paused:
+            wait = self._accept_gate.resume_at - time.monotonic()
+            if wait <= 0:
+                self._sel.register(self._sock, selectors.EVENT_READ, "listen")
+                self._accept_paused = False
+            else:
+                timeout = min(timeout, wait)
         with self._lock:
             for c in self._conns.values():
                 want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
                 if self._sel.get_key(c.sock).events != want:
                     self._sel.modify(c.sock, want, c)
-        for key, events in self._sel.select(timeout=0.5):
+        for key, events in self._sel.select(timeout=timeout):
             if key.data == "listen":
                 self._accept()
             elif key.data == "wake":
@@ -292,8 +303,14 @@ class HookServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept on %s failed: %s", self.path, exc)
+                if exc.errno in TRANSIENT:
+                    continue
+                # out of descriptors or memory: the socket stays readable, so stop watching it for a while
+                self._accept_gate.failed(exc)
+                self._sel.unregister(self._sock)
+                self._accept_paused = True
                 return
+            self._accept_gate.succeeded()
             self._admit(sock)
 
     def _admit(self, sock: socket.socket) -> None:

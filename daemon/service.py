@@ -77,6 +77,7 @@ class Daemon:
         self._engine_lock = threading.Lock()     # the main loop observes, the socket thread acknowledges
         self._seen: dict[tuple[str, int], int] = {}
         self.address: tuple[str, int] | None = None
+        self._started = False
 
     # ---- collectors ----
 
@@ -154,6 +155,9 @@ class Daemon:
         registry.register(DaemonExporter(lambda: list(self.samplers.values()), __version__, self.reload_state))
         ProcessCollector(namespace="looptune_daemon", registry=registry)
         self.registry = registry
+        # every idle scraper connection holds a descriptor: take what the hard limit allows
+        # (the unit sets LimitNOFILE=); /metrics then sizes its connection bound to it
+        metrics_http.raise_nofile_limit()
         host, port = cfg.split_listen(self.listen)
         tls = self.config.daemon.tls
         self.http_server, self.metrics_app = metrics_http.start(host, port, registry, self._generation, tls)
@@ -176,6 +180,7 @@ class Daemon:
         scheme = "https" if tls.cert_file else "http"
         log.info("looptune %s: metrics on %s://%s:%d/metrics, socket %s, config %s", __version__, scheme,
                  self.address[0], self.address[1], self.socket_path, self.config_path or "built-in defaults")
+        self._started = True
         self.notifier.ready()
         self.notifier.status(self.summary())
 
@@ -375,7 +380,8 @@ class Daemon:
         deadline = time.monotonic() + 1.0
         for s in self.samplers.values():
             s.stop(join_timeout=max(0.0, deadline - time.monotonic()))
-        log.info("looptune stopped")
+        if self._started:
+            log.info("looptune stopped")
 
 
 def owners_path(config: cfg.Config) -> str:

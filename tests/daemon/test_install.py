@@ -249,6 +249,7 @@ def test_unit_template_settings() -> None:
         "RestartSec": "2s",
         "WatchdogSec": "30s",
         "TimeoutStopSec": "10s",
+        "LimitNOFILE": "65536",
         "RuntimeDirectory": "looptune",
         "RuntimeDirectoryMode": "0755",
         "RuntimeDirectoryPreserve": "yes",     # /run/looptune stays, root's, while the daemon is down

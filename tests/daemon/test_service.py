@@ -209,6 +209,28 @@ def test_stop_signal_exits_zero_and_removes_socket(daemons: DaemonPool, sig: int
     assert "Traceback" not in d.stderr, d.stderr
 
 
+def test_sigterm_with_idle_and_slow_connections_open(daemons: DaemonPool) -> None:
+    """Idle /metrics clients, one half-sent request and an idle hook connection do not delay the stop."""
+    d = daemons.start()
+    d.wait_ready()
+    idle = [socket.create_connection(("127.0.0.1", d.port), timeout=5) for _ in range(200)]
+    hook = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        idle[0].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        hook.connect(str(d.socket_path))
+        t0 = time.monotonic()
+        d.send(signal.SIGTERM)
+        rc = d.wait_exit(10)
+        elapsed = time.monotonic() - t0
+    finally:
+        hook.close()
+        for s in idle:
+            s.close()
+    assert rc == 0, d.stderr
+    assert elapsed < 2.0, f"took {elapsed:.2f}s to stop with 200 idle connections open"
+    assert "Traceback" not in d.stderr, d.stderr
+
+
 def test_bad_config_at_start_exits_1(daemons: DaemonPool) -> None:
     d = daemons.start({"collectors": {"interval_seconds": -1}, "jobs": {"max_jobs": 0}})
     rc = d.wait_exit(15)
