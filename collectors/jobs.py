@@ -155,6 +155,7 @@ class JobSample:
 @dataclass(frozen=True)
 class JobsSnapshot:
     jobs: list[JobSample]
+    not_exported: int = 0         # jobs found beyond jobs.max_jobs, left out of /metrics
 
 
 def derive_run(cmdline: Sequence[str]) -> str:
@@ -342,6 +343,7 @@ class JobsCollector:
         for gp in gpu:
             gpu_by_pid.setdefault(gp.pid, []).append(gp)
         roots = sorted(self._roots(set(gpu_by_pid)), key=lambda e: (e.id.create_time, e.id.pid))
+        over = max(0, len(roots) - self.max_jobs)
         if len(roots) > self.max_jobs:
             if not self._capped_logged:
                 log.warning("%d jobs found; exporting the oldest %d (jobs.max_jobs)", len(roots), self.max_jobs)
@@ -357,7 +359,7 @@ class JobsCollector:
                 job = _renamed(job, f"{job.run}-{job.root_pid}")
             names.add((job.run, job.rank))
             jobs.append(job)
-        self.last = JobsSnapshot(jobs)
+        self.last = JobsSnapshot(jobs, over)
         return self.last
 
     def _measure(self, root: _Entry, members: list[_Entry], gpu_by_pid: dict[int, list[Any]],
@@ -469,6 +471,9 @@ class JobsCollector:
     # ---- exposition ----
 
     def families(self, snap: JobsSnapshot) -> Iterable[Metric]:
+        yield GaugeMetricFamily("looptune_jobs_not_exported", "Jobs found on the node beyond jobs.max_jobs, "
+                                "left out of /metrics to bound its series (the oldest are kept).",
+                                value=snap.not_exported)
         lab = ["run", "rank"]
         cpu = CounterMetricFamily("looptune_job_cpu_seconds", "CPU time of the job's process tree "
                                   "(DataLoader workers included), seconds.", labels=lab + ["mode"])

@@ -295,12 +295,12 @@ class Daemon:
     def reload(self) -> bool:
         """Load the config again; a bad one leaves the running config in force."""
         self.notifier.reloading()
-        self.reload_state.reloads += 1
         try:
             new, path = cfg.load_resolved(self.config_cli_path, self.environ)
         except cfg.ConfigError as exc:
             self.reload_state.successful = False
             self.reload_state.failures += 1
+            self.reload_state.reloads += 1     # counted last: a scrape never sees the count before the outcome
             for problem in exc.problems:
                 log.error("config reload rejected, keeping the running config: %s: %s", exc.source, problem)
             self.notifier.ready()
@@ -312,6 +312,7 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - a plugin that fails to load rejects the reload
                 self.reload_state.successful = False
                 self.reload_state.failures += 1
+                self.reload_state.reloads += 1
                 log.error("config reload rejected, keeping the running config: %s", exc)
                 self.notifier.ready()
                 return False
@@ -339,6 +340,7 @@ class Daemon:
         self._sync_samplers()
         self.reload_state.successful = True
         self.reload_state.last_success_time = time.time()
+        self.reload_state.reloads += 1
         log.info("config reloaded from %s", path or "built-in defaults")
         self.notifier.ready()
         return True

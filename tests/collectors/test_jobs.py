@@ -244,9 +244,14 @@ def test_launcher_is_not_a_job_its_ranks_are(spawn: Any, tag: str) -> None:
 
 def test_max_jobs_keeps_the_oldest(spawn: Any, tag: str) -> None:
     fs = [spawn(tag) for _ in range(3)]                   # each is ready before the next starts
-    snap = collector(tag, max_jobs=2).sample()
+    c = collector(tag, max_jobs=2)
+    snap = c.sample()
     assert [j.root_pid for j in snap.jobs] == [fs[0].pid, fs[1].pid]
-    assert len(collector(tag, max_jobs=3).sample().jobs) == 3
+    assert snap.not_exported == 1                        # counted, so the cap shows on a dashboard
+    fams = {f.name: f for f in c.families(snap)}
+    assert fams["looptune_jobs_not_exported"].samples[0].value == 1
+    snap = collector(tag, max_jobs=3).sample()
+    assert len(snap.jobs) == 3 and snap.not_exported == 0
 
 
 def test_own_pid_is_never_a_job(spawn: Any, tag: str) -> None:
