@@ -18,6 +18,15 @@ process each: the most label series and job roots for the collector). `--workers
 makes N/W jobs of one launcher plus W-1 DataLoader-like child processes each (children do not
 match the pattern; they are found as members of the launcher's tree).
 
+`--hooked`: every dummy is instead a hooked job (one process each, stdlib only) that connects to
+the daemon's socket, says `hello` (its own pid, run `bench-<token>-<i>`, rank 0, world size 1,
+tune false) and then sends a valid `report` every second with growing counters, as the hook
+does. Before measuring, /metrics must show every one connected (looptune_job_hook_connected 1)
+and no message rejected (looptune_messages_rejected_total 0); both are checked again at the end.
+`--idle-http N` keeps N idle TCP connections to the /metrics port open during the measurement
+(a helper process; the endpoint drops a client that sends no request within 5 s and the helper
+reopens it at once), so the CPU share and the scrapes are measured with them open.
+
 Every run is compared with the N=0 run of the same invocation (CPU x, RSS x), because the
 machines are shared and noisy. Exit status: 0, or 1 when a daemon fails to start, 130 on
 Ctrl-C. Daemons and dummies are always stopped (process groups, SIGTERM then SIGKILL); the
@@ -25,14 +34,18 @@ dummies also exit by themselves when their parent goes away.
 
     python benchmarks/daemon_overhead.py --seconds 20
     python benchmarks/daemon_overhead.py --procs 0,8 --workers-per-job 4 --interval 1.0
+    python benchmarks/daemon_overhead.py --hooked --procs 0,64 --seconds 20 --idle-http 1000
 """
 from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import math
 import os
 import platform
+import re
+import resource
 import signal
 import socket
 import statistics
@@ -48,6 +61,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
+
+sys.path.insert(0, str(REPO))      # this checkout's looptune, not an installed one
+from looptune import protocol  # noqa: E402 - pure Python, after the path
+
+GOAL_HOOKED_CPU_PERCENT = 5.0   # of one core, with 64 hooked jobs
+GOAL_HOOKED_JOBS = 64
 
 GOAL_CPU_PERCENT = 1.0      # of one core, with 8 watched jobs
 GOAL_CPU_PROCS = 8
@@ -67,6 +86,111 @@ for k in kids:
     k.terminate()
 """
 
+# A hooked dummy job: stdlib only. argv: socket path, run name, step_hist length, counter names
+# (JSON), token (so the jobs pattern matches it too, as a real job's command line would).
+# Connects (retrying until the daemon listens), says hello, reports every second with growing
+# counters; reconnects if the daemon closes the connection; exits when its parent goes away.
+HOOK_CODE = """\
+import json, os, resource, socket, sys, time
+path, run, nhist, names = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+parent, pid = os.getppid(), os.getpid()
+def line(msg):
+    return json.dumps({"v": 1, **msg}, separators=(",", ":"), allow_nan=False).encode() + b"\\n"
+hello = line({"type": "hello", "run": run, "rank": 0, "world_size": 1, "pid": pid, "tuners": [], "tune": False})
+steps, wait, stepsec, hist, s = 0, 0.0, 0.0, [0] * nhist, None
+while os.getppid() == parent:
+    if s is None:
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5.0)
+            s.connect(path)
+            s.sendall(hello)
+            got = b""
+            while not got.endswith(b"\\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise OSError("closed")
+                got += chunk
+            if json.loads(got.splitlines()[0]).get("type") != "welcome":
+                raise OSError(got[:200])
+            s.setblocking(False)
+        except (OSError, ValueError):
+            s.close()
+            s = None
+            time.sleep(0.2)
+            continue
+    steps += 10
+    wait += 0.05
+    stepsec += 0.5
+    hist[7] += 10
+    counters = dict(zip(names, (steps * 32, steps, steps, wait, stepsec)))
+    report = {"type": "report", "pid": pid, "world_size": 1, "counters": counters, "step_hist": hist,
+              "knobs": {"num_workers": 2},
+              "memory": {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+              "hook_errors": 0, "disabled": False}
+    try:
+        s.sendall(line(report))
+        while True:          # drain replies (none expected: tune is false); b"" = closed
+            if not s.recv(65536):
+                raise OSError("closed")
+    except BlockingIOError:
+        pass
+    except OSError:
+        s.close()
+        s = None
+        continue
+    time.sleep(1.0)
+"""
+
+# Idle HTTP clients: argv: port, count, stats file. Opens `count` TCP connections to the port,
+# spread over the first 5 s, sends nothing; whenever the server drops one, opens another.
+# Every 0.5 s writes "open reopened failed" to the stats file. Exits when its parent goes away.
+IDLE_CODE = """\
+import errno, os, selectors, socket, sys, time
+port, n, stats = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+parent = os.getppid()
+sel = selectors.DefaultSelector()
+opened = reopened = failed = 0
+def open_one():
+    global failed
+    s = socket.socket()
+    s.setblocking(False)
+    err = s.connect_ex(("127.0.0.1", port))
+    if err not in (0, errno.EINPROGRESS):
+        s.close()
+        failed += 1
+        return False
+    sel.register(s, selectors.EVENT_READ)
+    return True
+start, next_write = time.monotonic(), 0.0
+while os.getppid() == parent:
+    now = time.monotonic()
+    due = n if now - start >= 5.0 else int(n * (now - start) / 5.0)
+    while opened < due:
+        if not open_one():
+            break
+        opened += 1
+    for key, _ in sel.select(timeout=0.05):
+        s = key.fileobj
+        try:
+            data = s.recv(4096)
+        except BlockingIOError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            sel.unregister(s)
+            s.close()
+            if open_one():
+                reopened += 1
+    if now >= next_write:
+        next_write = now + 0.5
+        tmp = stats + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{len(sel.get_map())} {reopened} {failed}")
+        os.replace(tmp, stats)
+"""
+
 
 @dataclass
 class Result:
@@ -82,6 +206,11 @@ class Result:
     scrape_bytes: int = 0
     scrape_errors: int = 0
     samples_in_cpu_window: float = 0.0
+    hooked: int = 0                  # --hooked: jobs connected (before, after the measurement)
+    hooked_end: int = 0
+    rejected: int = 0                # looptune_messages_rejected_total, summed, at the end
+    idle_open: list[int] = field(default_factory=list)   # --idle-http: open connections, each second
+    idle_reopened: int = 0
 
     @property
     def p50(self) -> float:
@@ -159,6 +288,31 @@ def start_dummies(n: int, per_job: int, token: str) -> list[subprocess.Popen]:
     return roots
 
 
+def start_hooked(n: int, token: str, sock_path: Path) -> list[subprocess.Popen]:
+    """n hooked dummy jobs, run bench-<token>-<i>, talking the protocol's field names."""
+    nhist = str(len(protocol.STEP_BUCKETS) + 1)
+    names = json.dumps(list(protocol.COUNTERS))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOOPTUNE_RUN", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOOPTUNE_SOCKET")}
+    return [_spawn([sys.executable, "-c", HOOK_CODE, str(sock_path), f"bench-{token}-{i}", nhist, names, token],
+                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i in range(n)]
+
+
+def start_idle_http(port: int, n: int, stats: Path) -> subprocess.Popen:
+    return _spawn([sys.executable, "-c", IDLE_CODE, str(port), str(n), str(stats)],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def read_idle_stats(stats: Path) -> tuple[int, int, int]:
+    """(open, reopened, failed) as the idle-client helper last wrote them; zeros before its first."""
+    try:
+        a, b, c = stats.read_text().split()
+        return int(a), int(b), int(c)
+    except (OSError, ValueError):
+        return 0, 0, 0
+
+
 # ---- daemon ----
 
 def free_port() -> int:
@@ -189,6 +343,45 @@ def count_jobs(body: bytes) -> tuple[int, int]:
         elif line.startswith("looptune_job_processes{"):
             procs += int(float(line.rsplit(" ", 1)[1]))
     return jobs, procs
+
+
+_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\} (\S+)$')
+
+
+def hook_state(body: bytes, token: str) -> tuple[int, int]:
+    """(this benchmark's hooked jobs with looptune_job_hook_connected 1, messages rejected in all)."""
+    connected = rejected = 0
+    for line in body.decode("utf-8", "replace").splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        name, labels, value = m.groups()
+        if name == "looptune_job_hook_connected" and f'run="bench-{token}-' in labels and float(value) == 1.0:
+            connected += 1
+        elif name == "looptune_messages_rejected_total":
+            rejected += int(float(value))
+    return connected, rejected
+
+
+def wait_hooked(p: subprocess.Popen, port: int, log: Path, n: int, token: str, timeout: float) -> int:
+    """Until all n hooked dummies are connected with nothing rejected (else DaemonFailed: in hooked
+    mode a job that cannot connect is the finding, not something to measure around)."""
+    deadline = time.monotonic() + timeout
+    state = (0, 0)
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise DaemonFailed(f"daemon exited with status {p.returncode}:\n{_tail(log)}")
+        try:
+            state = hook_state(get_metrics(port, timeout=2.0), token)
+            if state[1]:
+                break
+            if state[0] == n:
+                return n
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise DaemonFailed(f"after {timeout:.0f}s {state[0]} of {n} hooked jobs connected, {state[1]} messages "
+                       f"rejected:\n{_tail(log)}")
 
 
 def start_daemon(repo: Path, workdir: Path, interval: float, pattern: str, n: int) -> tuple[subprocess.Popen, int, Path]:
@@ -245,20 +438,42 @@ def cpu_seconds(proc: psutil.Process) -> float:
 def measure(n: int, args: argparse.Namespace, workdir: Path, token: str) -> Result:
     pattern = rf"(^|\s){token}(\s|$)"
     jobs = n // args.workers_per_job
-    start_dummies(n, args.workers_per_job, token)
+    if args.hooked:
+        start_hooked(n, token, workdir / f"looptune-{n}.sock")
+    else:
+        start_dummies(n, args.workers_per_job, token)
     daemon, port, log = start_daemon(args.repo, workdir, args.interval, pattern, n)
     try:
+        hooked = 0
+        if args.hooked:
+            hooked = wait_hooked(daemon, port, log, n, token, timeout=args.ready_timeout)
+        # (hooked: the process-tree side of the same jobs, under the hooks' run and rank)
         seen = wait_ready(daemon, port, log, jobs, n, timeout=args.ready_timeout)
+        idle_stats = workdir / f"idle-{n}.txt"
+        if args.idle_http:
+            start_idle_http(port, args.idle_http, idle_stats)
+            deadline = time.monotonic() + 30.0
+            while read_idle_stats(idle_stats)[0] < args.idle_http and time.monotonic() < deadline:
+                time.sleep(0.2)
+            opened = read_idle_stats(idle_stats)[0]
+            if opened < args.idle_http:
+                print(f"warning: only {opened} of {args.idle_http} idle HTTP connections open; measuring anyway",
+                      file=sys.stderr)
         proc = psutil.Process(daemon.pid)
         time.sleep(args.interval)   # settle: one more sample after the dummies were all seen
 
         rss_peak = 0
+        idle_open: list[int] = []
 
         def poll_rss() -> int:
             nonlocal rss_peak
             rss = proc.memory_info().rss
             rss_peak = max(rss_peak, rss)
+            if args.idle_http:
+                idle_open.append(read_idle_stats(idle_stats)[0])
             return rss
+
+        reopened0 = read_idle_stats(idle_stats)[1]
 
         # part 1: no scrapes, CPU share
         cpu_window = args.seconds * args.cpu_fraction
@@ -305,12 +520,20 @@ def measure(n: int, args: argparse.Namespace, workdir: Path, token: str) -> Resu
             time.sleep(0.01)
         t3, c3 = time.monotonic(), cpu_seconds(proc)
         rss_end = poll_rss()
+        reopened = read_idle_stats(idle_stats)[1] - reopened0
+        hooked_end, rejected = 0, 0
+        try:
+            hooked_end, rejected = hook_state(get_metrics(port), token)
+        except OSError:
+            rejected = -1
         return Result(procs=n, jobs=jobs, seen_jobs=seen[0], seen_procs=seen[1],
                       cpu_percent=100.0 * (c1 - c0) / (t1 - t0),
                       cpu_with_scrapes_percent=100.0 * (c3 - c2) / (t3 - t2),
                       rss_end_mb=rss_end / MIB, rss_peak_mb=rss_peak / MIB,
                       scrape_ms=lat, scrape_bytes=int(statistics.median(sizes)) if sizes else 0,
-                      scrape_errors=errors, samples_in_cpu_window=(t1 - t0) / args.interval)
+                      scrape_errors=errors, samples_in_cpu_window=(t1 - t0) / args.interval,
+                      hooked=hooked, hooked_end=hooked_end, rejected=rejected,
+                      idle_open=idle_open, idle_reopened=reopened)
     finally:
         stop_all()
 
@@ -339,9 +562,15 @@ def report(results: list[Result], args: argparse.Namespace, load_before: tuple[f
            "| RSS vs 0 procs | scrape p50 ms | scrape p95 ms | scrape bytes |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        layout = f"{r.jobs} job{'s' if r.jobs != 1 else ''} × {args.workers_per_job} proc" if r.procs else "none"
+        if args.hooked:
+            layout = f"{r.jobs} hooked job{'s' if r.jobs != 1 else ''}, {r.hooked_end} connected" \
+                if r.procs else "none"
+        else:
+            layout = f"{r.jobs} job{'s' if r.jobs != 1 else ''} × {args.workers_per_job} proc" if r.procs else "none"
         seen = "" if (r.seen_jobs, r.seen_procs) == (r.jobs, r.procs) else \
             f" ⚠ seen {r.seen_jobs} jobs/{r.seen_procs} procs"
+        if args.hooked and (r.hooked_end != r.procs or r.rejected):
+            seen += f" ⚠ {r.hooked_end}/{r.procs} connected at the end, {r.rejected} rejected"
         out.append(
             f"| {r.procs} ({layout}){seen} | {r.cpu_percent:.2f} | "
             f"{_ratio(r.cpu_percent, base.cpu_percent if base else None)} | "
@@ -358,10 +587,23 @@ def report(results: list[Result], args: argparse.Namespace, load_before: tuple[f
     p95_max = max(p95s) if p95s else math.nan
     scrape_goal = (f"{'PASS' if p95_max < GOAL_SCRAPE_MS else 'FAIL'} (worst p95 {p95_max:.2f} ms)"
                    if p95s else "n/a (no scrape answered)")
-    out.append(f"Goals: CPU < {GOAL_CPU_PERCENT:g}% of a core with {GOAL_CPU_PROCS} watched processes: {cpu_goal}; "
-               f"RSS < {GOAL_RSS_MB:g} MB: {'PASS' if rss_max < GOAL_RSS_MB else 'FAIL'} "
-               f"(worst peak {rss_max:.1f} MB); "
-               f"scrape < {GOAL_SCRAPE_MS:g} ms: {scrape_goal}.")
+    if args.hooked:
+        g = next((r for r in results if r.procs == GOAL_HOOKED_JOBS), None)
+        cpu_goal = (f"{'PASS' if g.cpu_percent < GOAL_HOOKED_CPU_PERCENT else 'FAIL'} ({g.cpu_percent:.2f}%)"
+                    if g else f"n/a (no {GOAL_HOOKED_JOBS}-job run)")
+        conn_goal = (f"{'PASS' if g.hooked == g.hooked_end == g.procs and g.rejected == 0 else 'FAIL'} "
+                     f"({g.hooked_end}/{g.procs} connected at the end, {g.rejected} messages rejected)"
+                     if g else "n/a")
+        out.append(f"Goals: all {GOAL_HOOKED_JOBS} hooked jobs of one user connected: {conn_goal}; "
+                   f"CPU < {GOAL_HOOKED_CPU_PERCENT:g}% of a core with them: {cpu_goal}; "
+                   f"RSS < {GOAL_RSS_MB:g} MB: {'PASS' if rss_max < GOAL_RSS_MB else 'FAIL'} "
+                   f"(worst peak {rss_max:.1f} MB); "
+                   f"scrape < {GOAL_SCRAPE_MS:g} ms: {scrape_goal}.")
+    else:
+        out.append(f"Goals: CPU < {GOAL_CPU_PERCENT:g}% of a core with {GOAL_CPU_PROCS} watched processes: {cpu_goal}; "
+                   f"RSS < {GOAL_RSS_MB:g} MB: {'PASS' if rss_max < GOAL_RSS_MB else 'FAIL'} "
+                   f"(worst peak {rss_max:.1f} MB); "
+                   f"scrape < {GOAL_SCRAPE_MS:g} ms: {scrape_goal}.")
     out.append("")
     cpu_win = args.seconds * args.cpu_fraction
     notes = [
@@ -377,10 +619,21 @@ def report(results: list[Result], args: argparse.Namespace, load_before: tuple[f
         f"last body byte; p95 is nearest-rank. Scrape bytes: median body size."
         + ("".join(f" {r.procs} procs: {r.scrape_errors} failed." for r in results if r.scrape_errors)),
         "RSS: MB = 2^20 bytes, polled every second; end = at the end of the window.",
-        "Watched processes: idle dummy processes (`python -c ... looptune-bench-job-<pid>`), "
-        + ("each a job of its own." if args.workers_per_job == 1 else
-           f"{args.workers_per_job} per job: a matching launcher and {args.workers_per_job - 1} "
-           f"non-matching children."),
+        ("Hooked jobs: one process each (`python -c ... looptune-bench-job-<pid>`, also matched by the "
+         "jobs pattern), connected to the daemon's socket: hello (tune false), then a report every second "
+         "with growing counters, a step histogram, knobs and max RSS; checked before measuring: every "
+         "job's looptune_job_hook_connected is 1 and looptune_messages_rejected_total is 0."
+         if args.hooked else
+         "Watched processes: idle dummy processes (`python -c ... looptune-bench-job-<pid>`), "
+         + ("each a job of its own." if args.workers_per_job == 1 else
+            f"{args.workers_per_job} per job: a matching launcher and {args.workers_per_job - 1} "
+            f"non-matching children.")),
+        *([f"Idle HTTP clients: {args.idle_http} TCP connections to the /metrics port that send nothing, "
+           f"held by a helper process over the whole window (CPU part and scrapes); the endpoint drops each "
+           f"after 5 s and the helper reopens it at once. Open, polled each second (mean, min): "
+           + ", ".join(f"{r.procs} procs {statistics.mean(r.idle_open):.0f} ({min(r.idle_open)}), "
+                       f"{r.idle_reopened} reopened" for r in results if r.idle_open) + "."]
+          if args.idle_http else []),
         f"Machine: {psutil.cpu_count()} logical CPUs ({psutil.cpu_count(logical=False)} physical), "
         f"{_cpu_model()}, {psutil.virtual_memory().total / 2**30:.1f} GiB; Python "
         f"{platform.python_version()} ({sys.executable}); {platform.system()} {platform.release()}; "
@@ -406,6 +659,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="source tree the daemon runs from (cwd of `python -m looptune`; default: this repo)")
     p.add_argument("--ready-timeout", type=float, default=30.0,
                    help="seconds to wait for /metrics and the dummies (default 30)")
+    p.add_argument("--hooked", action="store_true",
+                   help="each dummy is a hooked job: connects to the daemon's socket, hello, a report every second")
+    p.add_argument("--idle-http", type=int, default=0, metavar="N",
+                   help="keep N idle TCP connections to /metrics open while measuring (default 0)")
     args = p.parse_args(argv)
     try:
         args.procs = [int(x) for x in args.procs.split(",") if x.strip()]
@@ -413,6 +670,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--procs: comma separated integers")
     if any(n < 0 or n % args.workers_per_job for n in args.procs) or args.workers_per_job < 1:
         p.error("--procs: each count must be >= 0 and a multiple of --workers-per-job")
+    if args.hooked and args.workers_per_job != 1:
+        p.error("--hooked: one process per job (--workers-per-job 1)")
+    if args.idle_http < 0:
+        p.error("--idle-http must be >= 0")
     if not 0 < args.cpu_fraction < 1 or args.seconds <= 0 or args.scrapes < 1:
         p.error("--cpu-fraction must be in (0, 1), --seconds > 0, --scrapes >= 1")
     return args

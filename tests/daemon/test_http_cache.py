@@ -69,3 +69,35 @@ def test_no_scraper_no_rendering() -> None:
     app = metrics_http.CachedMetricsApp(reg, lambda: 1, idle_seconds=60)
     app.prerender()
     assert col.collects == 0
+
+
+def test_renders_ahead_only_near_the_next_expected_scrape() -> None:
+    """A scraper every 15 s: the generations between its scrapes (several a second) are not rendered
+    for nobody; those within ahead_seconds of the expected next scrape are, and one after the
+    scraper missed its slot is left to the scrape itself."""
+    col = Counting()
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(col)
+    gen = [0]
+    app = metrics_http.CachedMetricsApp(reg, lambda: gen[0], idle_seconds=120)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": "",
+               "HTTP_ACCEPT": "text/plain"}
+    app(environ, lambda *a: None)
+    app.last_scrape -= 15.0                       # the scraper's next visit, 15 s later
+    app(environ, lambda *a: None)
+    assert col.collects == 1
+    now = metrics_http.time.monotonic()
+
+    def after(seconds: float) -> None:          # the main loop's tick, `seconds` after the last scrape
+        gen[0] += 1
+        app.last_scrape = now - seconds
+        app.prerender()
+
+    after(5.0)
+    assert col.collects == 1                      # mid-interval: nobody would read it
+    after(14.5)
+    assert col.collects == 2                      # just before the expected scrape: ready for it
+    after(20.0)
+    assert col.collects == 2                      # the scraper missed its slot: it renders on demand
+    app(environ, lambda *a: None)
+    assert col.collects == 3
