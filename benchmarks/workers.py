@@ -224,7 +224,9 @@ def workloads(quick: bool) -> dict[str, Workload]:
                           f"as mixed; a separate process burns one core in seeded bursts "
                           f"(on/off {NOISE_MIN:g}-{NOISE_MAX:g} s each), in the grid runs and the looptune run",
                           noise=True),
-        "heldout": Workload("heldout", "held-out: many workers", 65536 // scale,
+        # N as for latency: an epoch of ~10 s at the oracle's rate, so that every 15 s grid run, like
+        # the looptune run, includes an epoch boundary (workers restart: non-persistent)
+        "heldout": Workload("heldout", "held-out: many workers", 32768 // scale,
                             lambda n: LatencyDataset(n, sleep=0.006),
                             "6 ms sleep per item (latency-bound: scales past the core count)",
                             extra_grid=HELDOUT_GRID),
