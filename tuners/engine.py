@@ -82,7 +82,7 @@ class Proposal:
     knob: str
     value: Any
     reason: str
-    keep_if: str = "gain"        # gain: must improve by the bar; no_loss: must not lose more than it
+    keep_if: str = "gain"        # gain: must improve by the bar; no_loss: must not lose more than min_gain
 
 
 @dataclass
@@ -408,8 +408,11 @@ class Engine:
         bar = max(s.min_gain, noise_bar(t.steady, t.measured))
         if t.proposal.keep_if == "gain":
             ok, inside_noise = gain >= bar, s.min_gain <= gain < bar
-        else:                       # no_loss: kept unless it loses more than the bar
-            ok, inside_noise = gain >= -bar, -bar <= gain < -s.min_gain
+        else:
+            # no_loss: kept when it loses at most min_gain. A bigger loss the noise could explain is
+            # measured longer, like a gain inside the noise; when that does not clear it, the old
+            # setting stays: doubt keeps the setting that is known, in both directions
+            ok, inside_noise = gain >= -s.min_gain, -bar <= gain < -s.min_gain
         if inside_noise and t.extensions < s.max_extensions:
             t.extensions += 1       # a difference the noise could explain: measure as long again
             return

@@ -183,6 +183,21 @@ def test_without_extensions_the_same_gain_is_rolled_back() -> None:
     assert engine.jobs[KEY].history[-1]["outcome"] == "rolled_back"
 
 
+@pytest.mark.parametrize("new_rate, outcome", [(99.0, "kept"), (91.0, "rolled_back")])
+def test_keep_if_no_loss_in_noise_keeps_at_most_a_min_gain_loss(new_rate: float, outcome: str) -> None:
+    # the job's jitter puts a 9% loss inside the noise bar: it is measured longer, and then the
+    # old setting stays, instead of the bar's width being taken as a loss the job may afford
+    s = Settings(baseline_windows=10, measure_windows=3, max_extensions=3)
+    engine, job = make_job([ScriptTuner([2], keep_if="no_loss")], settings=s, cycle=CYCLE, start=8,
+                           curve=rates({8: 100.0, 2: new_rate}))
+    run_trial(job)
+    last = engine.jobs[KEY].history[-1]
+    assert last["outcome"] == outcome
+    if outcome == "rolled_back":
+        assert job.phases.count("measure") > 3          # measured longer before the roll back
+        assert noise_bar([90.0, 100.0, 110.0] * 3 + [90.0], [81.9, 91.0, 100.1]) > 0.09
+
+
 def test_the_noise_bar_narrows_with_more_windows() -> None:
     steady = [90.0, 100.0, 110.0] * 4
     bars = [noise_bar(steady, [90.0, 100.0, 110.0] * k) for k in (1, 2, 4)]
