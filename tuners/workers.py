@@ -63,8 +63,8 @@ class WorkersTuner(TunerBase):
         self.stop_reason = ""
         self.proposed_from: int | None = None
         self.failed = False
-        self.input_windows = 0      # input-bound windows seen since tuning stopped
-        self.retry_after = 60       # windows before exploring again (doubles, up to 960)
+        self.input_windows = 0      # clearly input-bound windows since tuning stopped, less the others
+        self.retry_after = 30       # net such windows before exploring again (doubles, up to 960)
         self.skip_one = False
 
     # ---- memory ----
@@ -125,7 +125,8 @@ class WorkersTuner(TunerBase):
             return Proposal(self.knob, max(1, math.ceil(allowed)),
                             f"CPU saturated with {cur} workers on {allowed:g} cores", keep_if="no_loss")
         if ctx.verdict != "input":
-            self.input_windows = 0
+            # one window of a noisy neighbour's burst must not restart the count: it takes one off
+            self.input_windows = max(0, self.input_windows - 1)
             return None
         if self.done and self.failed:
             return None          # the knob cannot change in this job: no point trying again
@@ -133,7 +134,7 @@ class WorkersTuner(TunerBase):
             # one noisy trial must not end tuning for good: after a stretch of clearly input-bound
             # windows (longer each time), explore upwards again from where the job is
             if ctx.window.data_wait_share < RETRY_WAIT_SHARE:
-                self.input_windows = 0
+                self.input_windows = max(0, self.input_windows - 1)
                 return None
             self.input_windows += 1
             if self.input_windows < self.retry_after:
