@@ -7,9 +7,10 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TextIO
+
+from looptune.files import atomic_write
 
 PLACEHOLDER = "@LOOPTUNE_BIN@"
 UNIT_PATH = Path("etc/systemd/system/looptune.service")
@@ -58,40 +59,6 @@ def resolve_exec(bin_path: str | os.PathLike[str] | None = None) -> str:
 
 def render_unit(exec_prefix: str) -> str:
     return read_unit_template().replace(PLACEHOLDER, exec_prefix)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temp file in the same directory so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)  # mkstemp creates 0600
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable; not every filesystem allows it, which is harmless.
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, data: bytes) -> None:

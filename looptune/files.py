@@ -12,29 +12,49 @@ from typing import Any
 log = logging.getLogger("looptune.files")
 
 
-def write_json(path: Path, data: Any, what: str) -> bool:
-    """Write `data` as JSON to `path`; False (logged, naming `what`) if it could not be written."""
-    text = json.dumps(data, indent=1, sort_keys=True)
-    tmp = None
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write via a temp file in the same directory so readers never see half a file; raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), mode)  # mkstemp creates 0600
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        tmp = None
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename durable; not every filesystem allows it, which is harmless.
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: Any, what: str) -> bool:
+    """Write `data` as JSON to `path` (mode 0600: state of the daemon's users); False, logged
+    naming `what`, if it could not be written."""
+    try:
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"), mode=0o600)
         return True
     except OSError as exc:
         log.warning("cannot save %s to %s: %s", what, path, exc)
         return False
-    finally:
-        if tmp is not None:          # never leave a temp file behind
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:

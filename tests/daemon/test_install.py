@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from looptune import files
 from looptune.daemon import install
 from looptune.daemon.install import install_service, read_unit_template, render_unit
 
@@ -206,7 +207,7 @@ def test_permission_error_message(
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(install.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(files.tempfile, "mkstemp", denied)    # where install writes through
     rc, out, err = run_install(tmp_path, bin_path=fake_bin, config_source=None)
     assert rc == 1
     assert (
