@@ -7,7 +7,7 @@ hook runs the engine embedded (tuners.hook.Hook._embedded_tick): every report (1
 Observation of this process tree (CPU used from psutil, CPU demand from schedstat, cores allowed
 from affinity and the cgroup quota), the engine cuts it into windows and gives each window a verdict; tune=False means no
 tuner is asked for a change, so the loader keeps its setting. A poller thread reads
-`hook._engine.verdicts()` each time the engine adds a window; the first --warmup seconds are
+`hook.engine.verdicts()` each time the engine adds a window; the first --warmup seconds are
 not judged (workers starting, caches warming).
 
   workload                       expected  what it is
@@ -268,7 +268,7 @@ def run(w: Workload, seconds: float, warmup: float, tmp: Path) -> Result:
         seen = 0
         psutil.cpu_percent(None)
         while not stop.wait(0.02):
-            eng = hook._engine
+            eng = hook.engine
             job = eng.jobs.get(("self",)) if eng is not None else None
             if job is None or len(job.windows) == seen:
                 continue

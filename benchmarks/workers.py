@@ -516,7 +516,7 @@ def looptune_run(wl: Workload, ds: Dataset, seconds: float, tuner_config: dict[s
                 bins, epochs, knob_at = train(watched, seconds, hook)
             final = hook.knobs.get("num_workers")
             decisions = list(hook.decisions)
-            engine = hook._engine
+            engine = hook.engine
             history = [dict(h) for j in engine.jobs.values() for h in j.history] if engine is not None else []
             errors = hook.errors
             stop_workers(watched)

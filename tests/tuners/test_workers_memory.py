@@ -142,5 +142,5 @@ def test_workers_stay_under_the_memory_budget(tmp: Path) -> None:
     assert 1 <= hook.knobs["num_workers"] <= BUDGET // PER_WORKER, trace
     assert max(d.new for d in hook.decisions) <= BUDGET // PER_WORKER
     assert all(d.outcome == "applied" for d in hook.decisions), hook.decisions
-    tuner = hook._engine.jobs[("self",)].tuners[0]
+    tuner = hook.engine.jobs[("self",)].tuners[0]
     assert "memory budget" in tuner.stop_reason, tuner.stop_reason

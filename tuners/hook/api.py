@@ -204,8 +204,6 @@ class Hook:
         """The embedded engine (tuners.engine.Engine) once it runs; None under a daemon."""
         return self.embedded.engine
 
-    _engine = engine
-
     @property
     def _off(self) -> bool:
         return self.meter.off
