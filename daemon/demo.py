@@ -398,7 +398,7 @@ def _decisions_table(decisions: list[Any], history: list[dict[str, Any]], t0_wal
              "| at | knob | old | new | outcome | result | reason |", "|---|---|---|---|---|---|---|"]
     trials = iter(history)
     for d in decisions:
-        if d.reason.startswith("roll back"):
+        if not d.trial:             # a roll back, or the confirmation that settles a kept trial
             result = ""
         else:
             h = next(trials, None)

@@ -52,6 +52,7 @@ class Decision:
     tuner: str = ""
     id: int | None = None
     detail: str = ""
+    trial: bool = False     # the start of a trial (not a roll back or the confirmation of a kept one)
 
 
 class Hook:
@@ -276,7 +277,7 @@ class Hook:
                 self._provisional.pop(knob, None)           # kept, or rolled back: settled either way
         rec = Decision(knob=knob, old=old, new=new, reason=d.get("reason", ""), outcome=outcome,
                        time=time.time(), step=self.meter.steps, tuner=d.get("tuner", ""), id=d.get("id"),
-                       detail=detail)
+                       detail=detail, trial=bool(d.get("trial")))
         self.decisions.append(rec)
         if self._channel is not None:
             self._channel.acknowledge(rec)
