@@ -497,8 +497,8 @@ class Engine:
             # settles the trial in the hook: the value stays even if the hook loses this engine later
             self._send(key, {"id": next(self._ids), "knob": t.proposal.knob, "value": t.proposal.value,
                              "reason": f"kept: {why}", "tuner": t.tuner.name})
-        if outcome is Outcome.KEPT and self.memory is not None and job.last_obs is not None and job.last_obs.signature:
-            self.memory.put(job.run, job.last_obs.signature, t.proposal.knob, t.proposal.value, owner=job.owner)
+            if self.memory is not None and job.last_obs is not None and job.last_obs.signature:
+                self.memory.put(job.run, job.last_obs.signature, t.proposal.knob, t.proposal.value, owner=job.owner)
         self._tell(t, outcome, gain, job)
 
     def _tell(self, t: Trial, outcome: Outcome, gain: float | None, job: JobState) -> None:
