@@ -46,6 +46,7 @@ STEADY_WINDOWS = 20   # windows kept at the current setting, to judge the job's 
 JITTER_WINDOWS = 60   # windows of a job's long-run jitter, across its settings
 JITTER_MIN = 12       # fewer, and a trial judges the job's jitter by its own windows only (as before)
 BURST_SIGMAS = 3.0    # how far below its median the long-run jitter lets a window fall
+EQUAL_WITHIN = 0.01   # keep_if no_worse: a loss this small is the same speed
 
 
 class Phase(str, enum.Enum):
@@ -92,7 +93,9 @@ class Proposal:
     knob: str
     value: Any
     reason: str
-    keep_if: str = "gain"        # gain: must improve by the bar; no_loss: must not lose more than min_gain
+    # gain: must improve by the bar; no_loss: must not lose more than min_gain; no_worse: must not
+    # lose more than EQUAL_WITHIN (a change that needs evidence it costs nothing, such as fewer workers)
+    keep_if: str = "gain"
 
 
 @dataclass
@@ -432,10 +435,12 @@ class Engine:
         if t.proposal.keep_if == "gain":
             ok, inside_noise = gain >= bar, s.min_gain - burst <= gain < bar
         else:
-            # no_loss: kept when it loses at most min_gain. A bigger loss the noise could explain is
+            # no_loss: kept when it loses at most min_gain; no_worse: at most EQUAL_WITHIN, so a loss
+            # must be measured away, not hidden in the noise. A bigger loss the noise could explain is
             # measured longer, like a gain inside the noise; when that does not clear it, the old
-            # setting stays: doubt keeps the setting that is known, in both directions
-            ok, inside_noise = gain >= -s.min_gain, -max(bar, burst) <= gain < -s.min_gain
+            # setting stays: doubt keeps the setting that is known
+            allowed = EQUAL_WITHIN if t.proposal.keep_if == "no_worse" else s.min_gain
+            ok, inside_noise = gain >= -allowed, -max(noise, burst) <= gain < -allowed
         if inside_noise and t.extensions < s.max_extensions:
             t.extensions += 1       # a difference the noise could explain: measure as long again
             return
@@ -444,8 +449,10 @@ class Engine:
             job.jitter.extend(residuals(job.steady))        # the stretch at the old setting ends
             job.steady = list(t.measured)
             job.losses = list(t.losses)
-        else:
+        elif t.proposal.keep_if == "gain":
             self._rollback(key, job, f"{gain:+.1%} samples/s is below the {bar:.0%} bar", gain)
+        else:
+            self._rollback(key, job, f"{gain:+.1%} samples/s loses more than {allowed:.0%}", gain)
 
     def _drop_ramp(self, t: Trial) -> None:
         """Leading windows still climbing to the new level are settling, not measurement."""

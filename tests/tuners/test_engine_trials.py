@@ -200,6 +200,19 @@ def test_keep_if_no_loss_in_noise_keeps_at_most_a_min_gain_loss(new_rate: float,
         assert noise_bar([90.0, 100.0, 110.0] * 3 + [90.0], [81.9, 91.0, 100.1]) > 0.09
 
 
+@pytest.mark.parametrize("new_rate, outcome", [(100.0, "kept"), (97.5, "rolled_back")])
+def test_keep_if_no_worse_in_noise_measures_a_small_loss_longer_and_keeps_the_old_setting(
+        new_rate: float, outcome: str) -> None:
+    # a 2.5% loss inside the noise bar: no_loss keeps it; no_worse measures it longer, and it stays a loss
+    s = Settings(baseline_windows=10, measure_windows=3, max_extensions=3)
+    engine, job = make_job([ScriptTuner([2], keep_if="no_worse")], settings=s, cycle=CYCLE, start=8,
+                           curve=rates({8: 100.0, 2: new_rate}))
+    run_trial(job)
+    last = engine.jobs[KEY].history[-1]
+    assert last["outcome"] == outcome and last["gain"] == pytest.approx(new_rate / 100 - 1)
+    assert job.phases.count("measure") == (3 if outcome == "kept" else 12)
+
+
 def test_the_noise_bar_narrows_with_more_windows() -> None:
     steady = [90.0, 100.0, 110.0] * 4
     bars = [noise_bar(steady, [90.0, 100.0, 110.0] * k) for k in (1, 2, 4)]
