@@ -10,10 +10,11 @@ below any size that ran out of memory.
 """
 from __future__ import annotations
 
-MARGIN = 0.06          # of the room: the caching allocator's rounding and fragmentation
+MARGIN = 0.04          # of the room: the caching allocator's rounding and fragmentation
 GROWTH = 4.0           # at most this many times the largest size that ran
 HEADROOM = 0.10        # below a size that ran out of memory after it had fit (a bigger input)
-SETTLE = 0.10          # between a size that ran and one that failed: stop when the next is this close
+SETTLE = 0.05          # between a size that ran and one that failed: stop when the next is this close
+CREEP = 0.10           # after an out-of-memory error: grow by this much at a time
 
 
 class MemoryFit:
@@ -58,8 +59,9 @@ class MemoryFit:
         size = min(size, GROWTH * e2)
         if self.failed is not None and size >= self.failed:
             ok = self.largest_ok
-            # between what ran and what did not: halve the gap rather than retry the failure
-            size = (ok + self.failed) / 2 if self.failed > ok else self.failed * (1 - HEADROOM)
+            # between what ran and what did not, the line missed a jump: creep up from what ran
+            # (never past half the gap), so a next error, if any, is the last one
+            size = min((ok + self.failed) / 2, ok * (1 + CREEP)) if self.failed > ok else self.failed * (1 - HEADROOM)
             if size < ok * (1 + SETTLE):
                 size = ok        # a few percent more is not worth another out-of-memory error
         if self.cap is not None:

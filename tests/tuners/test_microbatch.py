@@ -81,22 +81,22 @@ def test_sizes_are_as_equal_as_they_come_and_cover_the_batch() -> None:
 
 # ---- the fit ----
 
-def test_memory_fit_predicts_a_straight_curve_with_its_margin_and_bisects_after_a_failure() -> None:
+def test_memory_fit_predicts_a_straight_curve_with_its_margin_and_searches_a_jump() -> None:
     f = MemoryFit()
     assert f.largest(1000) is None
     f.ran(10, 100)
     assert f.largest(10_000) == 40                    # one point: at most 4x further
     f.ran(40, 400)
-    assert f.largest(1000) == 94                      # (1000 x 0.94) / 10 per element
-    f.oom(80)                                         # a jump the line did not see
-    assert f.largest(1000) == 60                      # half way between 40 (ran) and 80 (failed)
-    f.ran(60, 600)
-    f.oom(60)                                         # it fit before: a bigger input, or less memory
-    assert f.largest(1000) == 50                      # between 40 and 60 again, 60 no longer proven
-    f.ran(40 + 5, 450)
-    assert f.largest(1000) == 52                      # (45 + 60) / 2, and never above 54: 10% below the failure
-    f.ran(52, 520)
-    assert f.largest(1000) == 52                      # 56 is within 10% of 52: not worth another error
+    assert f.largest(1000) == 96                      # (1000 x 0.96) / 10 per element
+    f.oom(96)                                         # a jump the line did not see
+    assert f.largest(1000) == 44                      # creep up 10% at a time from what ran
+    for size in (44, 48, 53):
+        f.ran(size, size * 10)
+    assert f.largest(1000) == 58
+    f.oom(58)
+    assert f.largest(1000) == 53                      # 55 is within 5% of 53: not worth another error
+    f.oom(53)                                         # it fit before: a bigger input, or less memory
+    assert f.largest(1000) == 47                      # 10% below 53: sizes above it no longer proven
 
 
 def run_job(tmp_path: Any, fake: FakeCuda, curve: Any, *, batch: int = 4096, steps: int = 8,
