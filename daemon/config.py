@@ -175,6 +175,9 @@ class HookConfig:
                                    "same step.", lo=1, hi=100000)
     embedded_metrics_listen: str = opt("", "HOST:PORT where a hook that found no daemon serves its own "
                                            "/metrics. Empty: off.", check=_check_listen_or_empty)
+    micro_batch_split_batch_norm: bool = opt(False, "Let hook.accumulate split batches of a model with "
+                                                    "BatchNorm layers (their batch statistics then come from "
+                                                    "micro-batches: the training changes).")
 
 
 def _check_tuner(name: str) -> str | None:
@@ -184,8 +187,9 @@ def _check_tuner(name: str) -> str | None:
 
 @dataclass
 class TunersConfig:
-    enabled: list[str] = opt(["workers"], "Tuner plugins to run (built-in: workers; more through the "
-                                          "entry-point group looptune.tuners).", check=_check_tuner)
+    enabled: list[str] = opt(["workers", "batch_size"], "Tuner plugins to run (built-in: workers, batch_size; "
+                                                        "more through the entry-point group looptune.tuners).",
+                             check=_check_tuner)
     window_seconds: float = opt(1.0, "Length of one measurement window.", lo=0.2, hi=60)
     baseline_windows: int = opt(3, "Windows at the current setting a trial compares against.", lo=1, hi=60)
     measure_windows: int = opt(3, "Windows measured at the new setting before keep or roll back.", lo=1, hi=60)

@@ -49,6 +49,14 @@ FIGURES: tuple[Figure, ...] = (
            optional=True, metric="looptune_job_loss"),
     Figure("loss_nonfinite", COUNTER, "reports", "Reports whose latest loss was NaN or infinite.",
            integer=True, optional=True, metric="looptune_job_loss_nonfinite"),
+    Figure("oom_recoveries", COUNTER, "errors", "Out-of-memory errors hook.accumulate recovered from in the "
+           "step (the batch done again in smaller micro-batches).", integer=True, optional=True,
+           metric="looptune_job_oom_recoveries"),
+    Figure("device_memory_peak_bytes", GAUGE, "bytes", "Peak device memory allocated during the latest "
+           "hook.accumulate step.", optional=True, metric="looptune_job_device_memory_peak_bytes"),
+    Figure("gradient_noise_scale", GAUGE, "samples", "Gradient noise scale B_simple (McCandlish et al. 2018) "
+           "from the micro-batch and batch gradients: the global batch up to which a larger batch still "
+           "trains about proportionally faster.", optional=True, metric="looptune_job_gradient_noise_scale"),
 )
 
 BY_NAME = {f.name: f for f in FIGURES}

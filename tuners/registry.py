@@ -8,7 +8,8 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-BUILTIN = {"workers": "looptune.tuners.workers:WorkersTuner"}
+BUILTIN = {"workers": "looptune.tuners.workers:WorkersTuner",
+           "batch_size": "looptune.tuners.batch_size:BatchSizeTuner"}
 GROUP = "looptune.tuners"
 
 

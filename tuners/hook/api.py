@@ -72,6 +72,7 @@ class Hook:
         self.signature = ""
         self.loader: Any = None          # the first watched loader: its knobs are reported and tuned
         self.module: Any = None          # the first watched model
+        self.microbatcher: Any = None    # actuators.microbatch.MicroBatcher, made at the first accumulate()
         self._sync = RankSync()
         self.tune: bool | list[str] = tune
         self.mode = "embedded"
@@ -132,6 +133,31 @@ class Hook:
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
             return obj
+
+    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any]) -> float:
+        """Forward and backward of one batch (the batch per optimizer step) in micro-batches that fit
+        the device; returns the batch's mean loss as a float.
+
+        `compute_loss(micro_batch)` returns the micro-batch's mean loss; each is back-propagated
+        scaled by its share of the batch, so the gradient is the unsplit batch's. An out-of-memory
+        error is recovered in the step (the batch done again in smaller micro-batches). With the
+        batch_size tuner off (or the hook disabled before the first call) the batch is not split.
+        """
+        mb = self.microbatcher
+        if mb is None:
+            if self._off or not self._tunes("batch_size"):
+                loss = compute_loss(batch)
+                loss.backward()
+                return float(loss.detach())
+            from looptune.tuners.hook.actuators.microbatch import MicroBatcher
+            mb = self.microbatcher = MicroBatcher(self, split_batch_norm=self.config.hook.micro_batch_split_batch_norm)
+        # not given up when the hook turns itself off: every DDP rank keeps the same collectives
+        return mb.accumulate(batch, compute_loss)
+
+    def _tunes(self, tuner: str) -> bool:
+        if isinstance(self.tune, (list, tuple)):
+            return tuner in self.tune
+        return bool(self.tune) and tuner in self.config.tuners.enabled
 
     def add_actuator(self, knob: str, get: Callable[[], Any], set: Callable[[Any], None], *,  # noqa: A002
                      settling: Callable[[], bool] | None = None) -> None:

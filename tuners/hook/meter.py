@@ -60,6 +60,9 @@ class Meter:
         self.data_wait = 0.0
         self.step_seconds = 0.0
         self.comm_seconds: float | None = None   # set by the DDP actuator once it times all-reduce
+        self.oom_recoveries: int | None = None   # set by hook.accumulate once it splits batches
+        self.device_peak_bytes: int | None = None
+        self.gradient_noise_scale: float | None = None
         self.hist = [0] * (len(BUCKETS) + 1)
         self.t_step = perf()
         self.loss: Any = None            # the latest loss object, read at report time
@@ -112,6 +115,8 @@ class Meter:
             "data_wait_seconds": self.data_wait, "step_seconds": self.step_seconds,
             "comm_seconds": self.comm_seconds, "loss": loss,
             "loss_nonfinite": self.loss_nonfinite if self._loss_seen else None,
+            "oom_recoveries": self.oom_recoveries, "device_memory_peak_bytes": self.device_peak_bytes,
+            "gradient_noise_scale": self.gradient_noise_scale,
         }
         return {k: v for k, v in out.items() if v is not None}
 

@@ -1,0 +1,67 @@
+"""How much device memory a micro-batch needs, learned from the micro-batches that ran.
+
+Pure Python (the hook feeds it numbers read from torch.cuda). Size is counted in elements of
+the split tensors, not rows, so a batch padded to a longer sample counts as bigger. The extra
+memory of a micro-batch is its peak allocation minus what stays allocated after it (parameters,
+gradients, optimizer state): activations and workspaces. Real curves are not straight: the
+prediction uses the line through the two largest sizes that ran (the local slope, which sees a
+curve bending up), never extrapolates past 4x the largest that ran, keeps a margin, and stays
+below any size that ran out of memory.
+"""
+from __future__ import annotations
+
+MARGIN = 0.06          # of the room: the caching allocator's rounding and fragmentation
+GROWTH = 4.0           # at most this many times the largest size that ran
+HEADROOM = 0.10        # below a size that ran out of memory after it had fit (a bigger input)
+SETTLE = 0.10          # between a size that ran and one that failed: stop when the next is this close
+
+
+class MemoryFit:
+    def __init__(self) -> None:
+        self.points: dict[int, int] = {}     # elements -> the largest extra memory seen at that size
+        self.failed: int | None = None       # smallest size that ran out of memory
+        self.cap: int | None = None          # bound after an out-of-memory error at a size that had fit
+
+    def ran(self, size: int, extra: int) -> None:
+        if size > 0:
+            self.points[size] = max(self.points.get(size, 0), max(0, int(extra)))
+
+    def oom(self, size: int) -> None:
+        largest_ok = max(self.points, default=0)
+        if size <= largest_ok:
+            # it fit before: a bigger input or less memory now; stay clear of it with headroom
+            bound = int(size * (1 - HEADROOM))
+            self.cap = bound if self.cap is None else min(self.cap, bound)
+            for e in [e for e in self.points if e > bound]:
+                del self.points[e]     # sizes above the bound no longer prove anything
+        self.failed = size if self.failed is None else min(self.failed, size)
+
+    @property
+    def largest_ok(self) -> int:
+        return max(self.points, default=0)
+
+    def largest(self, room: float) -> int | None:
+        """The largest size predicted to fit in `room` bytes above what stays allocated; None
+        before any micro-batch ran."""
+        if not self.points:
+            return None
+        pts = sorted(self.points.items())
+        e2, v2 = pts[-1]
+        k, c = v2 / e2, 0.0                   # through the origin: conservative when the curve has an intercept
+        if len(pts) >= 2:
+            e1, v1 = pts[-2]
+            slope = (v2 - v1) / (e2 - e1)
+            if slope > 0:
+                k, c = slope, v2 - slope * e2
+        budget = room * (1 - MARGIN)
+        size = (budget - c) / k if k > 0 else GROWTH * e2
+        size = min(size, GROWTH * e2)
+        if self.failed is not None and size >= self.failed:
+            ok = self.largest_ok
+            # between what ran and what did not: halve the gap rather than retry the failure
+            size = (ok + self.failed) / 2 if self.failed > ok else self.failed * (1 - HEADROOM)
+            if size < ok * (1 + SETTLE):
+                size = ok        # a few percent more is not worth another out-of-memory error
+        if self.cap is not None:
+            size = min(size, self.cap)
+        return max(0, int(size))
