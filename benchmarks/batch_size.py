@@ -320,14 +320,15 @@ class ToolRun:
     sizes: list[int] = field(default_factory=list)       # per step: largest micro-batch completed without an OOM
     ooms_at: list[int] = field(default_factory=list)     # per step: OOMs so far
     knobs: list[Any] = field(default_factory=list)       # per step: micro_batch_size after the step
+    splits: list[int] = field(default_factory=list)      # per step: micro-batches run (redone ones included)
 
     def share(self, maxb: int) -> float | None:
         return None if self.final is None else self.final / maxb
 
     def steps_to(self, size: float) -> int | None:
-        """looptune: the first step in which a micro-batch of at least `size` completed."""
-        for k, s in enumerate(self.sizes):
-            if s >= size:
+        """looptune: the first step after which micro_batch_size was at least `size`."""
+        for k, s in enumerate(self.knobs):
+            if isinstance(s, int) and s >= size:
                 return k + 1
         return None
 
@@ -492,10 +493,12 @@ def looptune_available() -> str | None:
 
 
 def run_looptune(curve: Curve, capacity: int, seed: int, maxb: int, *, global_batch: int = GLOBAL_BATCH,
-                 max_steps: int = 300, seconds: float = 180.0, after_steps: int | None = None) -> ToolRun:
+                 max_steps: int = 20000, seconds: float = 180.0, after_steps: int | None = None,
+                 min_seconds: float = 0.0) -> ToolRun:
     """looptune's micro-batch tuner on the stand-in: one global batch per optimizer step, split by
-    hook.accumulate into micro-batches of hook.knobs["micro_batch_size"]; runs until a micro-batch of
-    REACH x the maximum completed, then `after_steps` more (default one epoch), within the caps."""
+    hook.accumulate into micro-batches of at most hook.knobs["micro_batch_size"]. Runs until the knob
+    reached REACH x the maximum, then `after_steps` more (default one epoch) and at least `min_seconds`
+    in all (time for the engine's trials), within the caps `max_steps` and `seconds`."""
     from looptune import Hook
 
     after = after_steps if after_steps is not None else math.ceil(N / global_batch)
@@ -535,36 +538,40 @@ def run_looptune(curve: Curve, capacity: int, seed: int, maxb: int, *, global_ba
                     hook.step()
                     steps += 1
                     used += int(batch[0].shape[0])
-                    # a micro-batch completed when no OOM came between its start and the next one's (or the step's end)
-                    ends = [c[1] for c in calls[1:]] + [fake.ooms]
-                    ok = [rows for (rows, o0), o1 in zip(calls, ends) if o1 == o0]
-                    run.sizes.append(max(ok, default=0))
+                    knob = hook.knobs.get("micro_batch_size")
+                    run.knobs.append(knob)
                     run.ooms_at.append(fake.ooms)
-                    run.knobs.append(hook.knobs.get("micro_batch_size"))
-                    if reached is None and run.sizes[-1] >= REACH * maxb:
+                    # the micro-batches of this step that ran: no OOM between their start and the next one's
+                    ends = [c[1] for c in calls[1:]] + [fake.ooms]
+                    run.sizes.append(max((r for (r, o0), o1 in zip(calls, ends) if o1 == o0), default=0))
+                    run.splits.append(len(calls))
+                    if reached is None and isinstance(knob, int) and knob >= REACH * maxb:
                         reached = steps
-                    if (reached is not None and steps >= reached + after) or steps >= max_steps \
-                            or time.perf_counter() - t0 > seconds:
+                    elapsed = time.perf_counter() - t0
+                    if (reached is not None and steps >= reached + after and elapsed >= min_seconds) \
+                            or steps >= max_steps or elapsed > seconds:
                         done = True
                         break
             run.ooms = fake.ooms
             run.final = run.knobs[-1] if isinstance(run.knobs[-1], int) else None
             run.samples_wasted = fed - used
+            engine = hook.engine
+            trials = [dict(h) for j in engine.jobs.values() for h in j.history] if engine is not None else []
             if hook.errors:
                 run.notes.append(f"hook errors: {hook.errors}")
             if hook.disabled:
                 run.notes.append("the hook turned itself off")
-        # probe steps: the step after which micro_batch_size stayed at its final value
-        last_change = 0
-        for k in range(1, len(run.knobs)):
-            if run.knobs[k] != run.knobs[k - 1]:
-                last_change = k
-        run.probe_steps = last_change + 1 if last_change else (1 if run.knobs and run.knobs[0] != global_batch else 0)
+        # probe steps: the first step after which micro_batch_size had its final value
+        run.probe_steps = next((k + 1 for k, v in enumerate(run.knobs) if v == run.final), len(run.knobs))
         run.trajectory = _knob_path(run.knobs)
-        if reached is None:
-            run.notes.append(f"never reached {REACH:.0%} of the maximum in {steps} steps")
-        else:
-            run.notes.append(f"{REACH:.0%} of the maximum at step {reached}")
+        last = [c[0] for c in calls]
+        run.notes.append(f"{steps} steps, {time.perf_counter() - t0:.0f} s")
+        run.notes.append(f"knob >= {REACH:.0%} of the maximum at step {reached}" if reached is not None
+                         else f"knob never reached {REACH:.0%} of the maximum")
+        run.notes.append(f"last step's micro-batches: {_runs(last)}")
+        for h in trials:
+            gain = f"{h['gain']:+.1%}" if isinstance(h.get("gain"), (int, float)) else "-"
+            run.notes.append(f"engine trial {h.get('old')} -> {h.get('new')}: {h.get('outcome')} ({gain})")
     finally:
         shutil.rmtree(state, ignore_errors=True)
     run.seconds = time.perf_counter() - t0
@@ -676,13 +683,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accelerate-above", type=int, default=4096, help="starting_batch_size above the maximum")
     p.add_argument("--accelerate-below", type=int, default=512, help="starting_batch_size below the maximum")
     p.add_argument("--global-batch", type=int, default=GLOBAL_BATCH, help="looptune's batch per optimizer step")
-    p.add_argument("--looptune-steps", type=int, default=None, help="looptune step cap (default 300; --quick 150)")
-    p.add_argument("--looptune-seconds", type=float, default=None, help="looptune time cap (default 180; --quick 90)")
+    p.add_argument("--looptune-steps", type=int, default=None, help="looptune step cap (default 20000; --quick 2000)")
+    p.add_argument("--looptune-after", type=int, default=None, help="looptune steps after a micro-batch of 90%% of "
+                   "the maximum completed (default one epoch)")
+    p.add_argument("--looptune-min-seconds", type=float, default=None, help="looptune runs at least this long, for "
+                   "the engine's trials (default 20; --quick 0)")
+    p.add_argument("--looptune-seconds", type=float, default=None, help="looptune time cap (default 60; --quick 30)")
     p.add_argument("--json", default="", help="also write the raw figures here")
     args = p.parse_args(argv)
     args.seed_list = list(range(1, 1 + (args.seeds if args.seeds is not None else (1 if args.quick else 3))))
-    args.looptune_steps = args.looptune_steps or (150 if args.quick else 300)
-    args.looptune_seconds = args.looptune_seconds or (90.0 if args.quick else 180.0)
+    args.looptune_steps = args.looptune_steps or (2000 if args.quick else 20000)
+    args.looptune_seconds = args.looptune_seconds or (30.0 if args.quick else 60.0)
+    if args.looptune_min_seconds is None:
+        args.looptune_min_seconds = 0.0 if args.quick else 20.0
     args.curve_list = [c.strip() for c in args.curves.split(",") if c.strip()]
     args.tool_list = [t.strip() for t in args.tools.split(",") if t.strip()]
     bad = [c for c in args.curve_list if c not in CURVES] + [t for t in args.tool_list
@@ -736,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
                 done(run_accelerate(curve, capacity, args.accelerate_below, seed, "accelerate below"))
             if "looptune" in args.tool_list and "looptune" not in missing:
                 done(run_looptune(curve, capacity, seed, maxb[ck], global_batch=args.global_batch,
-                                  max_steps=args.looptune_steps, seconds=args.looptune_seconds))
+                                  max_steps=args.looptune_steps, seconds=args.looptune_seconds,
+                                  after_steps=args.looptune_after, min_seconds=args.looptune_min_seconds))
 
     print(report(runs, maxb, args, versions, missing), flush=True)
     if args.json:
