@@ -197,9 +197,11 @@ class TunersConfig:
     max_settle_windows: int = opt(10, "Windows a change may take to warm up (every new loader worker delivered, "
                                       "samples/s no longer climbing) before it is measured anyway.", lo=0, hi=600)
     min_gain: float = opt(0.03, "Relative samples/s gain a change must show to be kept.", lo=0, hi=1)
-    max_extensions: int = opt(3, "Times a gain above min_gain but inside the job's own noise is measured again "
+    max_extensions: int = opt(3, "Times a gain above min_gain but inside the job's own noise (or, on a job "
+                                 "with a noisy neighbour, a shortfall its bursts explain) is measured again "
                                  "(measure_windows each) before it is kept or rolled back.", lo=0, hi=20)
-    regression_bound: float = opt(0.25, "A window this far below the baseline (twice) rolls back at once.",
+    regression_bound: float = opt(0.25, "A window this far below the baseline (twice) rolls back at once; "
+                                        "further where the job's jitter over its last 60 windows explains more.",
                                   lo=0.01, hi=1)
     cooldown_windows: int = opt(3, "Windows without trials after a roll back.", lo=0, hi=600)
     state_file: str = opt("", "Where the best settings per run and dataset are kept. Empty: "

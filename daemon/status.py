@@ -57,8 +57,8 @@ def _bytes(n: float | None) -> str:
 
 
 def render(jobs: list[dict[str, Any]], width: int = 160) -> str:
-    head = ["RUN", "RANK", "PID", "SAMPLES/S", "DATA WAIT", "CPU", "GPU SM", "GPU MEM", "RSS", "KNOBS",
-            "LAST DECISION"]
+    head = ["RUN", "RANK", "PID", "SAMPLES/S", "DATA WAIT", "CPU", "GPU SM", "GPU MEM", "RSS", "DEV PEAK", "OOMS",
+            "GNS", "KNOBS", "LAST DECISION"]
     rows = [head]
     for j in jobs:
         gpus = j.get("gpu") or {}
@@ -75,7 +75,9 @@ def render(jobs: list[dict[str, Any]], width: int = 160) -> str:
         rows.append([str(j.get("run")) + state, str(j.get("rank")), str(j.get("pid")),
                      _num(j.get("samples_per_second")), _pct(j.get("data_wait_share")),
                      _num(j.get("cpu_cores"), "{:.2f}"), _pct(sum(sm) / len(sm) if sm else None),
-                     _bytes(sum(mem) if mem else None), _bytes(j.get("rss_bytes")), knobs or "-", last])
+                     _bytes(sum(mem) if mem else None), _bytes(j.get("rss_bytes")),
+                     _bytes(j.get("device_peak_bytes")), _num(j.get("oom_recoveries"), "{:.0f}"),
+                     _num(j.get("gradient_noise_scale"), "{:.0f}"), knobs or "-", last])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()[:width] for r in rows]
     if len(rows) == 1:

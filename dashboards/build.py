@@ -299,6 +299,23 @@ def job_dashboard() -> dict[str, Any]:
                     target(q.peak_memory(sel, 'kind=~"cuda_.*"'), "rank {{rank}} peak {{kind}}")],
                    unit="bytes"),
 
+        row("Batch size (hook.accumulate)"),
+        timeseries("Micro-batch size", "Rows per micro-batch hook.accumulate splits each batch into: the "
+                   "largest that fits the device (the batch per optimizer step stays the loader's).",
+                   [target(f'looptune_job_knob{{{sel}, knob="micro_batch_size"}}', "rank {{rank}}")],
+                   steps=True, decimals=0, w=6),
+        timeseries("Device memory peak per step", "Peak device memory allocated during the latest "
+                   "accumulate step, per rank.",
+                   [target(f"looptune_job_device_memory_peak_bytes{{{sel}}}", "rank {{rank}}")], unit="bytes", w=6),
+        timeseries("Out-of-memory errors recovered", "Out-of-memory errors hook.accumulate recovered from in "
+                   "the step (the batch done again in smaller micro-batches), per rank, over each interval.",
+                   [target(f"sum by (instance, rank) (increase(looptune_job_oom_recoveries_total{{{sel}}}[{RI}]))",
+                           "rank {{rank}}")], decimals=0, w=6),
+        timeseries("Gradient noise scale", "B_simple (McCandlish et al. 2018): the global batch up to which "
+                   "a larger batch still trains about proportionally faster; far above the global batch "
+                   "used, a larger one (with its learning rate) would pay.",
+                   [target(f"looptune_job_gradient_noise_scale{{{sel}}}", "rank {{rank}}")], unit="none", w=6),
+
         row("CPU, memory and I/O (DataLoader workers included)"),
         timeseries("Job CPU", "CPU cores used by each rank's process tree, DataLoader workers included.",
                    [target(q.job_cpu_cores(sel), "rank {{rank}} {{mode}}")], unit="suffix: cores", stack=True),

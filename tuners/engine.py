@@ -15,6 +15,13 @@ windows against the median of every window at the old setting, with a bar from t
 jitter that narrows as more windows are measured; a gain above the minimum but inside that
 bar earns more measurement before it is believed or rolled back.
 
+The jitter of a few windows at one setting says little about a job beside a noisy neighbour:
+three calm windows look quiet. So the engine also keeps, per job, each settled window relative
+to the median of its own stretch at one setting, across settings (the last JITTER_WINDOWS). Its
+spread is a floor under the noise bar, and where it explains more than `regression_bound` the
+job is noisy: the regression guard then needs windows below the old median by more than that
+(3 of its sigmas), and a shortfall a burst explains earns more measurement instead of a roll back.
+
 A knob changed by someone else (the hook itself, after an out-of-memory error) ends a trial on
 that knob as `failed` and starts a new baseline. `abort()` (a config reload) rolls back every
 trial in flight before the engine is replaced.
@@ -36,6 +43,10 @@ from looptune.tuners.bottleneck import Window, verdict
 log = logging.getLogger("looptune.engine")
 
 STEADY_WINDOWS = 20   # windows kept at the current setting, to judge the job's jitter
+JITTER_WINDOWS = 60   # windows of a job's long-run jitter, across its settings
+JITTER_MIN = 12       # fewer, and a trial judges the job's jitter by its own windows only (as before)
+BURST_SIGMAS = 3.0    # how far below its median the long-run jitter lets a window fall
+EQUAL_WITHIN = 0.01   # keep_if no_worse: a loss this small is the same speed
 
 
 class Phase(str, enum.Enum):
@@ -82,7 +93,9 @@ class Proposal:
     knob: str
     value: Any
     reason: str
-    keep_if: str = "gain"        # gain: must improve by the bar; no_loss: must not lose more than min_gain
+    # gain: must improve by the bar; no_loss: must not lose more than min_gain; no_worse: must not
+    # lose more than EQUAL_WITHIN (a change that needs evidence it costs nothing, such as fewer workers)
+    keep_if: str = "gain"
 
 
 @dataclass
@@ -96,7 +109,7 @@ class Settings:
     regression_bound: float = 0.25
     cooldown_windows: int = 3
     apply_timeout_seconds: float = 60.0
-    max_extensions: int = 3      # times a gain inside the noise may be measured again (measure_windows each)
+    max_extensions: int = 3      # times a result inside the noise may be measured again (measure_windows each)
 
 
 class Guard(Protocol):
@@ -159,6 +172,7 @@ class Trial:
     nonfinite_at_start: float = 0.0
     below: int = 0
     steady: list[float] = field(default_factory=list)   # every window at the old setting: its jitter
+    jitter: float = 0.0             # the job's long-run relative jitter at the start; 0: history too short
     extensions: int = 0
     rollback_id: int | None = None
 
@@ -172,6 +186,8 @@ class JobState:
     window_start: Observation | None = None
     windows: deque = field(default_factory=lambda: deque(maxlen=120))
     steady: list[float] = field(default_factory=list)   # objective windows at the current setting
+    # settled windows relative to the median of their own stretch at one setting, across settings
+    jitter: deque = field(default_factory=lambda: deque(maxlen=JITTER_WINDOWS))
     losses: list[float] = field(default_factory=list)   # loss per window at the current setting
     trial: Trial | None = None
     cooldown: int = 0
@@ -182,13 +198,16 @@ class JobState:
 # ---- guards ----
 
 class RegressionGuard:
-    """Two windows below the old setting's median by more than `regression_bound`."""
+    """Two windows below the old setting's median by more than `regression_bound`, or by more than
+    the job's long-run jitter explains (BURST_SIGMAS of it) where that is wider: a noisy neighbour's
+    burst is not a regression."""
     name = "regression"
 
     def check(self, trial: Trial, obs: Observation, window: Window, settings: Settings) -> str | None:
         base = statistics.median(trial.steady or trial.baseline)
         value = objective_of(trial.tuner, window)
-        if base > 0 and value is not None and value < base * (1 - settings.regression_bound):
+        bound = max(settings.regression_bound, BURST_SIGMAS * trial.jitter)
+        if base > 0 and value is not None and value < base * (1 - bound):
             trial.below += 1
             if trial.below >= 2:
                 return "regression"
@@ -345,6 +364,7 @@ class Engine:
 
     def _rebaseline(self, job: JobState, obs: Observation | None = None, cooldown: bool = False) -> None:
         job.trial = None
+        job.jitter.extend(residuals(job.steady))
         job.steady = []
         job.losses = []
         if cooldown:
@@ -363,6 +383,8 @@ class Engine:
             if w.loss is not None:
                 job.losses.append(w.loss)
             keep = max(s.baseline_windows, s.measure_windows, STEADY_WINDOWS)
+            if len(job.steady) > keep:      # a window that leaves the stretch joins the long run
+                job.jitter.extend(residuals(job.steady)[:-keep])
             del job.steady[:-keep]
             del job.losses[:-keep]
             if len(job.steady) >= s.baseline_windows:
@@ -405,23 +427,32 @@ class Engine:
             return
         base = statistics.median(t.steady or t.baseline)
         gain = statistics.median(t.measured) / base - 1 if base > 0 else float("inf")
-        bar = max(s.min_gain, noise_bar(t.steady, t.measured))
+        noise = noise_bar(t.steady, t.measured, floor=t.jitter)
+        bar = max(s.min_gain, noise)
+        # on a noisy job a burst can hold most of the measured windows, and their median with them:
+        # a shortfall that deep is no evidence yet (the regression guard lets such windows pass too)
+        burst = BURST_SIGMAS * t.jitter if BURST_SIGMAS * t.jitter > s.regression_bound else 0.0
         if t.proposal.keep_if == "gain":
-            ok, inside_noise = gain >= bar, s.min_gain <= gain < bar
+            ok, inside_noise = gain >= bar, s.min_gain - burst <= gain < bar
         else:
-            # no_loss: kept when it loses at most min_gain. A bigger loss the noise could explain is
+            # no_loss: kept when it loses at most min_gain; no_worse: at most EQUAL_WITHIN, so a loss
+            # must be measured away, not hidden in the noise. A bigger loss the noise could explain is
             # measured longer, like a gain inside the noise; when that does not clear it, the old
-            # setting stays: doubt keeps the setting that is known, in both directions
-            ok, inside_noise = gain >= -s.min_gain, -bar <= gain < -s.min_gain
+            # setting stays: doubt keeps the setting that is known
+            allowed = EQUAL_WITHIN if t.proposal.keep_if == "no_worse" else s.min_gain
+            ok, inside_noise = gain >= -allowed, -max(noise, burst) <= gain < -allowed
         if inside_noise and t.extensions < s.max_extensions:
             t.extensions += 1       # a difference the noise could explain: measure as long again
             return
         if ok:
             self._finish(key, job, Outcome.KEPT, gain, f"{gain:+.1%} samples/s")
+            job.jitter.extend(residuals(job.steady))        # the stretch at the old setting ends
             job.steady = list(t.measured)
             job.losses = list(t.losses)
-        else:
+        elif t.proposal.keep_if == "gain":
             self._rollback(key, job, f"{gain:+.1%} samples/s is below the {bar:.0%} bar", gain)
+        else:
+            self._rollback(key, job, f"{gain:+.1%} samples/s loses more than {allowed:.0%}", gain)
 
     def _drop_ramp(self, t: Trial) -> None:
         """Leading windows still climbing to the new level are settling, not measurement."""
@@ -448,8 +479,10 @@ class Engine:
                 continue
             if p is None or p.value == obs.knobs.get(p.knob):
                 continue
+            history = [*job.jitter, *residuals(job.steady)][-JITTER_WINDOWS:]
             trial = Trial(tuner, p, obs.knobs.get(p.knob), list(job.steady[-self.settings.baseline_windows:]),
                           next(self._ids), started=self._clock(), steady=list(job.steady),
+                          jitter=long_run_jitter(history),
                           losses_before=list(job.losses),
                           nonfinite_at_start=obs.counters.get("loss_nonfinite", 0))
             # trial: the hook rolls it back itself should it lose this engine before the outcome
@@ -477,6 +510,7 @@ class Engine:
     def _rollback(self, key: Any, job: JobState, why: str, gain: float | None) -> None:
         t = job.trial
         assert t is not None
+        job.jitter.extend(residuals(t.measured))       # the stretch at the new setting ends
         self._record(job, t, Outcome.ROLLED_BACK, gain, why)
         t.rollback_id = next(self._ids)
         decision = {"id": t.rollback_id, "knob": t.proposal.knob, "value": t.old,
@@ -492,6 +526,7 @@ class Engine:
         self._record(job, t, outcome, gain, why)
         job.trial = None
         if outcome is Outcome.FAILED:
+            job.jitter.extend(residuals(t.measured))
             self._rebaseline(job, cooldown=True)
         if outcome is Outcome.KEPT:
             # settles the trial in the hook: the value stays even if the hook loses this engine later
@@ -552,11 +587,12 @@ def window_noise(x: Sequence[float]) -> float:
     return 1.5 * statistics.median(abs(v - m) for v in x) / m if m > 0 else 0.0
 
 
-def noise_bar(steady: Sequence[float], measured: Sequence[float]) -> float:
+def noise_bar(steady: Sequence[float], measured: Sequence[float], floor: float = 0.0) -> float:
     """The smallest relative difference of two medians the job's jitter does not explain: 1.5
-    standard errors of the difference, from the larger robust spread of the two sides. It narrows
-    as either side gets more windows, which is what measuring longer buys."""
-    spread = 0.0
+    standard errors of the difference, from the larger robust spread of the two sides, and at least
+    `floor` (the job's long-run jitter: a few calm windows must not make a noisy job look quiet).
+    It narrows as either side gets more windows, which is what measuring longer buys."""
+    spread = floor
     for x in (steady, measured):
         if len(x) >= 3:
             m = statistics.median(x)
@@ -566,6 +602,33 @@ def noise_bar(steady: Sequence[float], measured: Sequence[float]) -> float:
         return spread
     # the median's standard error is ~1.25 sigma / sqrt(n)
     return 1.5 * 1.2533 * spread * math.sqrt(1 / len(steady) + 1 / len(measured))
+
+
+def residuals(x: Sequence[float]) -> list[float]:
+    """Each window relative to the median of its stretch at one setting (none for fewer than 3),
+    scaled by sqrt(n / (n - 1)): the median is taken from the windows themselves, so a short
+    stretch shows less of the jitter than there is."""
+    if len(x) < 3:
+        return []
+    m = statistics.median(x)
+    if m <= 0:
+        return []
+    k = math.sqrt(len(x) / (len(x) - 1))
+    return [k * (v / m - 1) for v in x]
+
+
+def long_run_jitter(r: Sequence[float]) -> float:
+    """A job's relative jitter (one sigma) from its window residuals; 0 for fewer than JITTER_MIN.
+
+    Not the median absolute deviation: a noisy neighbour's bursts hold a minority of the windows,
+    which that ignores (most residuals are 0 around the median of their own stretch). The root mean
+    square, with each residual capped at the 90th percentile of their sizes so that a few lone
+    windows (a worker restart) do not count, and divided by 0.912 to read sigma for normal jitter."""
+    if len(r) < JITTER_MIN:
+        return 0.0
+    sizes = sorted(abs(v) for v in r)
+    cap = sizes[int(0.9 * (len(sizes) - 1))]
+    return math.sqrt(statistics.fmean(min(v, cap) ** 2 for v in sizes)) / 0.912
 
 
 def _window(a: Observation, b: Observation) -> Window | None:

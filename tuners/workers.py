@@ -5,7 +5,7 @@ gains; when a step does not, refine between the last kept value and the rejected
 stop at the knee (the gap under a quarter of the current value). Bounds: `max_workers`; the
 CPU the job may use (a window with the process tree's CPU saturated is a `cpu` verdict, not
 `input`: climbing stops, and a setting above the job's cores is brought back down if that
-does not lose throughput); and a memory budget for all workers, measured from their USS.
+measures no slower, within 1%); and a memory budget for all workers, measured from their USS.
 """
 from __future__ import annotations
 
@@ -122,8 +122,10 @@ class WorkersTuner(TunerBase):
         if ctx.verdict == "cpu" and allowed and cur > math.ceil(allowed) and not self.shrunk:
             self.shrunk = True
             self.proposed_from = cur
+            # fewer workers for the same speed frees cores and memory; a loss, even one smaller than
+            # min_gain, is not the same speed: the shrink has to measure no worse
             return Proposal(self.knob, max(1, math.ceil(allowed)),
-                            f"CPU saturated with {cur} workers on {allowed:g} cores", keep_if="no_loss")
+                            f"CPU saturated with {cur} workers on {allowed:g} cores", keep_if="no_worse")
         if ctx.verdict != "input":
             # one window of a noisy neighbour's burst must not restart the count: it takes one off
             self.input_windows = max(0, self.input_windows - 1)

@@ -10,7 +10,10 @@ once and defers later ones to the next epoch. The job trains until its stdin clo
 a safety net).
 
 It also reports a textual knob, grad_compression="none", standing in for the DDP gradient
-compression knob that a single-process job lacks.
+compression knob that a single-process job lacks, and trains through hook.accumulate on the
+stand-in GPU (tests/fakes/fake_cuda.py, small enough that each batch of 8 is split), so the
+micro-batch size, device memory peak, gradient noise scale and one recovered out-of-memory error
+(injected at step 30) reach /metrics.
 
 Protocol on stdout: `ready PID` after the first optimizer step, `knob num_workers N` each
 time the hook's num_workers changes, `done STEPS` at exit.
@@ -67,19 +70,25 @@ def main() -> int:
             time.sleep(a.sleep)
             return torch.full((16,), float(i % 7)), torch.tensor(i % 2)
 
-    model = torch.nn.Linear(16, 2).to(device)
+    from tests.fakes.fake_cuda import FakeCuda, MemoryLayer, MiB, straight
+    fake = FakeCuda(100 * MiB).install()       # after the device choice: the model stays on the CPU
+    fake.alloc(10 * MiB)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 2), MemoryLayer(fake, straight(10 * MiB))).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     deadline = time.monotonic() + 300
     steps = 0
     workers = 0
     with Hook(run=a.run, socket=a.socket) as hook:
+        model = hook.watch(model)
         loader = hook.watch(DataLoader(Slow(), batch_size=8, shuffle=True, num_workers=0))
         hook.knobs["grad_compression"] = "none"
         while time.monotonic() < deadline:
             for x, y in loader:
-                loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+                if steps == 30:
+                    fake.inject("backward", 1)
                 opt.zero_grad()
-                loss.backward()
+                hook.accumulate((x.to(device), y.to(device)),
+                                lambda mb: torch.nn.functional.cross_entropy(model(mb[0]), mb[1]))
                 opt.step()
                 hook.step()                      # a tuner's change to num_workers lands here
                 steps += 1

@@ -262,6 +262,17 @@ def test_keep_if_no_loss_keeps_a_change_that_loses_at_most_min_gain(new_rate: fl
     assert engine.outcomes == Counter({(RUN, "script", "num_workers", outcome): 1})
 
 
+@pytest.mark.parametrize("new_rate, outcome", [(100.5, "kept"), (99.5, "kept"), (98.9, "rolled_back"),
+                                               (97.5, "rolled_back")])
+def test_keep_if_no_worse_keeps_a_change_that_loses_at_most_one_percent(new_rate: float, outcome: str) -> None:
+    engine, job = make([ScriptTuner([2], keep_if="no_worse")], curve=rates({8: 100.0, 2: new_rate}), start=8)
+    for _ in range(4):
+        job.tick()
+    job.run_until_idle()
+    assert engine.outcomes == Counter({(RUN, "script", "num_workers", outcome): 1})
+    assert job.phases.count("measure") == 3        # noise-free: a loss is no doubt, no extension
+
+
 def test_cooldown_after_a_rollback_then_the_next_trial() -> None:
     s = Settings(cooldown_windows=3)
     tuner = ScriptTuner([4, 4, 4])

@@ -1,17 +1,19 @@
 """The engine's trial paths beyond keep / roll back (test_engine.py has those): a knob the job
 changed itself, a reload with a trial in flight, the loss guard, a gain inside the noise that
-earns more measurement, settling until the new setting is warm, and remembered values keyed
-by knob. Each test here fails on an engine without the path it names."""
+earns more measurement, a noisy neighbour's bursts judged from the job's long-run jitter,
+settling until the new setting is warm, and remembered values keyed by knob. Each test here fails on an engine without the path it names."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 from test_engine import KEY, RUN, Clock, FakeJob, ScriptTuner, rates
-from looptune.tuners.engine import Engine, Observation, Phase, Settings, noise_bar
+from looptune.tuners.engine import (JITTER_MIN, Engine, Observation, Phase, Settings, long_run_jitter, noise_bar,
+                                    residuals)
 from looptune.tuners.memory import BestSettings
 
 
@@ -198,11 +200,124 @@ def test_keep_if_no_loss_in_noise_keeps_at_most_a_min_gain_loss(new_rate: float,
         assert noise_bar([90.0, 100.0, 110.0] * 3 + [90.0], [81.9, 91.0, 100.1]) > 0.09
 
 
+@pytest.mark.parametrize("new_rate, outcome", [(100.0, "kept"), (97.5, "rolled_back")])
+def test_keep_if_no_worse_in_noise_measures_a_small_loss_longer_and_keeps_the_old_setting(
+        new_rate: float, outcome: str) -> None:
+    # a 2.5% loss inside the noise bar: no_loss keeps it; no_worse measures it longer, and it stays a loss
+    s = Settings(baseline_windows=10, measure_windows=3, max_extensions=3)
+    engine, job = make_job([ScriptTuner([2], keep_if="no_worse")], settings=s, cycle=CYCLE, start=8,
+                           curve=rates({8: 100.0, 2: new_rate}))
+    run_trial(job)
+    last = engine.jobs[KEY].history[-1]
+    assert last["outcome"] == outcome and last["gain"] == pytest.approx(new_rate / 100 - 1)
+    assert job.phases.count("measure") == (3 if outcome == "kept" else 12)
+
+
 def test_the_noise_bar_narrows_with_more_windows() -> None:
     steady = [90.0, 100.0, 110.0] * 4
     bars = [noise_bar(steady, [90.0, 100.0, 110.0] * k) for k in (1, 2, 4)]
     assert bars[0] > bars[1] > bars[2] > 0
     assert noise_bar([100.0] * 5, [120.0] * 5) == 0.0
+
+
+# ---- a noisy neighbour: the job's long-run jitter ----
+
+def bursts(depth: float, windows: int) -> list[float]:
+    """A neighbour that takes a core in bursts: calm stretches of 2-4 windows, then 2-3 windows
+    `depth` of the calm rate (a 1-3% wobble on both), for `windows` windows."""
+    calm, dip = (1.0, 1.01, 0.99, 1.02), (depth, depth - 0.03, depth + 0.02)
+    out: list[float] = []
+    for c, b in itertools.cycle(((3, 2), (2, 3), (4, 2), (2, 2), (3, 3), (4, 3))):
+        out += [calm[i % 4] for i in range(c)] + [dip[i % 3] for i in range(b)]
+        if len(out) >= windows:
+            return out[:windows]
+    raise AssertionError
+
+
+def trial_after(history: list[float], during: list[float], gain: float,
+                settings: Settings | None = None) -> tuple[Engine, Job]:
+    """A job at 2 workers with `history` (factors of its rate, one a window), then a trial of 4
+    workers (`gain` better) proposed on the first window of `during`: that window and the next
+    apply and settle the change, the third is the first one measured."""
+    tuner = ScriptTuner([])
+    cycle = tuple(history) + tuple(during) + (1.0, 1.01, 0.99) * 10
+    engine, job = make_job([tuner], settings=settings, cycle=cycle, start=2,
+                           curve=rates({2: 100.0, 4: 100.0 * (1 + gain)}))
+    job.run(len(history))
+    assert engine.jobs[KEY].trial is None and job.reports == len(history)
+    tuner.values.append(4)
+    job.tick()
+    assert engine.jobs[KEY].trial is not None
+    job.run_until_idle()
+    return engine, job
+
+
+CALM = [1.0, 1.0, 1.0, 1.0]       # the trial starts after calm windows: its baseline is the calm rate
+
+
+@pytest.mark.parametrize("depth", [0.5, 0.7])
+def test_a_burst_during_a_trial_on_a_noisy_job_earns_more_measurement_not_a_roll_back(depth: float) -> None:
+    # 4 workers gain 40%; the neighbour's burst takes 3 windows from the second one measured on.
+    # 50% dips: two windows 30% below the calm baseline, past the 25% regression bound. 30% dips:
+    # the 3 windows measured first have a median 2% below the baseline. Either rolled a +40%
+    # setting back, judged from the windows of this trial alone
+    engine, job = trial_after(bursts(depth, 60), CALM + [depth, depth - 0.02, depth + 0.01], gain=0.4)
+    state = engine.jobs[KEY]
+    assert [h["outcome"] for h in state.history] == ["kept"]
+    assert state.history[0]["gain"] == pytest.approx(0.4, abs=0.03)
+    assert job.knobs["num_workers"] == 4
+    assert job.phases.count("measure") > 3                 # measured longer than the first look
+
+
+def test_a_quiet_job_is_still_rolled_back_by_the_regression_guard_within_two_windows() -> None:
+    engine, job = trial_after([1.0, 1.01, 0.99, 1.02] * 15, CALM, gain=-0.4,
+                              settings=Settings(measure_windows=6))
+    (entry,) = engine.jobs[KEY].history
+    assert entry["outcome"] == "rolled_back" and entry["detail"] == "regression"
+    assert job.phases.count("measure") == 2
+    assert job.knobs["num_workers"] == 2
+
+
+def test_a_job_with_a_short_history_is_judged_as_before() -> None:
+    # the first trial after 3 baseline windows: too few windows to tell a burst from a regression,
+    # so the guard's own bound holds, as it did before there was a history
+    engine, job = trial_after(bursts(0.5, 3), CALM + [0.5, 0.48, 0.51], gain=0.4)
+    (entry,) = engine.jobs[KEY].history
+    assert entry["outcome"] == "rolled_back" and entry["detail"] == "regression"
+
+
+def test_the_long_run_jitter_survives_setting_changes() -> None:
+    # a kept trial, then one rolled back: each stretch at one setting joins the history once,
+    # relative to its own median, when the job leaves it
+    engine, job = make_job([ScriptTuner([4, 8])], settings=Settings(baseline_windows=5), cycle=CYCLE,
+                           curve=rates({0: 100.0, 4: 200.0, 8: 200.0}))
+    run_trial(job)
+    state = engine.jobs[KEY]
+    assert state.history[-1]["outcome"] == "kept"
+    assert len(state.jitter) == 5                   # the 5 baseline windows at 0
+    assert sorted(state.steady) == [180.0, 200.0, 220.0]          # the new stretch: the measured windows
+    run_trial(job)
+    assert state.history[-1]["outcome"] == "rolled_back"
+    # then the 3 windows measured at 8, and the stretch at 4 (the kept trial's 3 windows and the
+    # 2 windows after them) when the roll back is seen
+    assert len(state.jitter) == 5 + 3 + 5
+    assert state.steady == []
+    # CYCLE's jitter, from windows at three settings (its 10% deviations read as ~0.1-0.15 sigma)
+    assert 0.08 < long_run_jitter(list(state.jitter)) < 0.16
+
+
+def test_the_long_run_jitter_sees_bursts_and_ignores_lone_windows() -> None:
+    # 30% dips in ~45% of the windows, in stretches of 3 (a trial's measurement): the median
+    # absolute deviation sees the wobble, not the dips; the long-run jitter sees them
+    stretches = [[100.0 * f for f in bursts(0.7, 60)[i:i + 3]] for i in range(0, 60, 3)]
+    r = [x for s in stretches for x in residuals(s)]
+    assert 1.4826 * sorted(abs(x) for x in r)[len(r) // 2] < 0.05
+    assert long_run_jitter(r) > 0.2
+    quiet = [100.0 + (i % 3) for i in range(60)]
+    quiet[10] = 40.0                                    # a worker restart
+    assert long_run_jitter(residuals(quiet)) < 0.02
+    assert long_run_jitter(residuals(quiet[:JITTER_MIN - 1])) == 0.0      # too short to say
+    assert noise_bar([100.0] * 3, [100.0] * 3, floor=0.2) > noise_bar([100.0] * 3, [100.0] * 3) == 0.0
 
 
 # ---- settling ----

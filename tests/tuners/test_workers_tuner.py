@@ -106,7 +106,7 @@ def test_cpu_saturated_with_more_workers_than_cores_goes_down_to_the_cores(allow
     assert engine.verdicts() == {KEY: "cpu"}
     (d,) = job.sent
     assert d["value"] == target and d["reason"] == f"CPU saturated with 8 workers on {allowed:g} cores"
-    assert trials(engine) == [(target, "kept")]          # keep_if no_loss: same throughput is enough
+    assert trials(engine) == [(target, "kept")]          # keep_if no_worse: same throughput is enough
     assert job.knobs["num_workers"] == target
 
 
@@ -116,6 +116,20 @@ def test_going_down_to_the_cores_is_rolled_back_if_it_loses() -> None:
     job.run(90)
     assert trials(engine) == [(2, "rolled_back")]
     assert job.knobs["num_workers"] == 8 and len(job.sent) == 2
+
+
+@pytest.mark.parametrize("change, outcome", [(0.995, "kept"), (1.005, "kept"),
+                                             (0.975, "rolled_back"), (0.971, "rolled_back")])
+def test_going_down_to_the_cores_needs_evidence_it_costs_nothing(change: float, outcome: str) -> None:
+    # a steady loss smaller than min_gain was once kept (4 -> 2 at -3.0% on the CPU-transforms
+    # benchmark, where 4 was 14% better): fewer workers must measure as fast, within 1%
+    engine, job, tuner = tuned(lambda n: 300.0 if n == 8 else 300.0 * change, start=8, wait=lambda n: 0.4,
+                               cpu_used=lambda n: 1.95, cpu_allowed=2.0)
+    job.run(90)
+    assert trials(engine) == [(2, outcome)]
+    assert job.knobs["num_workers"] == (2 if outcome == "kept" else 8)
+    if outcome == "rolled_back":
+        assert job.sent[-1]["reason"] == f"roll back: {change - 1:+.1%} samples/s loses more than 1%"
 
 
 def test_no_climb_while_cpu_bound_within_the_cores() -> None:
