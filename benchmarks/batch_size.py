@@ -45,19 +45,26 @@ Tools, each run once per seed (--seeds, default 3; --quick 1); the seed sets the
             batch per optimizer step (--global-batch, default 2048),
             `hook.accumulate(batch, lambda mb: loss_fn(model(mb[0]), mb[1]))`, `optimizer.step();
             optimizer.zero_grad(); hook.step()`; the micro-batch size is read from
-            `hook.knobs["micro_batch_size"]` after each step. Runs until a micro-batch of 90% of the
-            maximum has completed, then one more epoch (16 steps), at most --looptune-steps steps
-            (default 300; --quick 150) and --looptune-seconds (default 180; --quick 90). Needs
-            `Hook.accumulate` (the micro-batch tuner); without it the benchmark prints "looptune: not
+            `hook.knobs["micro_batch_size"]` after each step (the rows of the widest input seen so
+            far that fit: a narrower padded batch is cut into bigger micro-batches, since the hook
+            fits elements, not rows). Default config but for a fresh state file. Runs until the
+            knob reaches 90% of the maximum, then one more epoch (16 steps; --looptune-after),
+            within --looptune-steps and --looptune-seconds: the memory search, which the goal
+            judges. Needs `Hook.accumulate`; without it the benchmark prints "looptune: not
             available in this checkout" and reports the peers alone.
+  looptune, engine trials  the same for at least --trials-seconds (default 20; seed 1 only; not in
+            --quick): long enough for the batch_size tuner's throughput trial (half the micro-batch,
+            kept when at most 1% slower), which runs on 1 s windows after the search. On the
+            stand-in a step's time is this CPU's, not a GPU's, so that trial's outcome says nothing
+            about a GPU: the row shows what the engine does, not a figure to compare.
 
 Figures, per tool and curve (a range over the seeds where they differ):
 
   probe steps     training steps run before the final size is in use: for Lightning every step of
                   the search (all fits) plus the steps of a fit that crashed; for Accelerate every
                   step of the attempts that ended in an out-of-memory error (the one that failed
-                  included); for looptune the step at which its micro-batch size reached its final
-                  value to stay (looptune's steps train: its probing costs only what OOMs redo).
+                  included); for looptune the first step after which micro_batch_size had its final
+                  value (looptune's steps train: its probing costs only what OOMs redo).
   OOMs            out-of-memory errors raised by the stand-in (FakeCuda.ooms), search and training.
   share           final size / maximum (looptune: the final micro_batch_size). Above 1.00 the size
                   does not fit every batch.
@@ -72,10 +79,9 @@ Figures, per tool and curve (a range over the seeds where they differ):
                   (it never is: an OOM inside hook.accumulate is redone there).
 
 Goal (the issue's done-when), per curve and per peer run of the same seed: looptune's final share
-is at least the peer's (capped at 1.00), and looptune reaches the peer's share (a micro-batch of
-that size completed without an OOM) within no more steps than the peer's probe steps, with no
-more OOMs over its whole run than the peer had. A peer that never completed a run counts as share
-0. "steps to 90%" is also reported for looptune.
+is at least the peer's (capped at 1.00), and looptune's knob reaches the peer's share within no
+more steps than the peer's probe steps, with no more OOMs over its whole run than the peer had.
+A peer that never completed a run counts as share 0.
 
 Workarounds for the stand-in: FakeCuda answers torch.cuda.is_available() with True while the model
 runs on the CPU, so the Trainer gets accelerator="cpu" (with "auto" Lightning would pick CUDA
@@ -94,8 +100,8 @@ The peers are not looptune dependencies. Their environment, separate from the pr
 
 Run (in that environment):
 
-    python benchmarks/batch_size.py                       # 3 seeds, ~2-4 minutes on 2 cores
-    python benchmarks/batch_size.py --quick               # 1 seed, ~1 minute
+    python benchmarks/batch_size.py                       # 3 seeds, ~3.5 minutes on 2 cores
+    python benchmarks/batch_size.py --quick               # 1 seed, ~45 s
     python benchmarks/batch_size.py --curves padded --tools lightning,accelerate --seeds 5
 
 Exit status 0 when every goal passes; 1 when a goal fails; 2 when a requested tool could not run
@@ -149,6 +155,7 @@ CAPACITY_MIB = 2001
 LEN_MEDIAN, LEN_SIGMA, LEN_MIN, LEN_SEED = 32, 0.5, 4, 11
 DATA_SEED = 20240601
 GLOBAL_BATCH = 2048         # looptune's batch per optimizer step
+TRIALS_LABEL = "looptune, engine trials"
 REACH = 0.90                # looptune runs until a micro-batch of this share of the maximum completed
 LIGHTNING_FITS = 3          # a crashed fit is re-fitted, up to this many fits in all
 BISECT_HIGH = 16384
@@ -314,7 +321,8 @@ class ToolRun:
     samples_wasted: int
     restarts: int
     seconds: float
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)            # the per-run lines
+    brief: dict[str, Any] = field(default_factory=dict)       # the table's notes, joined over the seeds
     trajectory: list[Any] = field(default_factory=list)   # per tool: sizes tried / per-step sizes
     # looptune only
     sizes: list[int] = field(default_factory=list)       # per step: largest micro-batch completed without an OOM
@@ -403,11 +411,13 @@ def run_lightning(curve: Curve, capacity: int, mode: str, seed: int, init: int) 
             else:
                 run.notes.append(f"fit {fit + 1}: size {module.batch_size} crashed at training step {len(train)} "
                                  f"of the epoch")
+            run.brief["fits crashed in training"] = run.brief.get("fits crashed in training", 0) + 1
             run.probe_steps += len(train)
             run.samples_wasted += sum(train)
             run.restarts += 1 if fit + 1 < LIGHTNING_FITS else 0
         else:
             run.notes.append(f"no fit completed in {LIGHTNING_FITS}")
+            run.brief["no fit completed"] = "yes"
         run.ooms = fake.ooms
     run.seconds = time.perf_counter() - t0
     return run
@@ -477,6 +487,7 @@ def run_accelerate(curve: Curve, capacity: int, start: int, seed: int, label: st
     late = [a for a in failed if a["steps"] > 1]
     if late:
         run.notes.append("OOM after the first step: " + ", ".join(f"{a['size']} at step {a['steps']}" for a in late))
+        run.brief["attempts out of memory after their first step"] = len(late)
     run.trajectory = [f"{a['size']}:{a['steps']}{'' if a['done'] else '!'}" for a in attempts]
     run.seconds = time.perf_counter() - t0
     return run
@@ -494,7 +505,7 @@ def looptune_available() -> str | None:
 
 def run_looptune(curve: Curve, capacity: int, seed: int, maxb: int, *, global_batch: int = GLOBAL_BATCH,
                  max_steps: int = 20000, seconds: float = 180.0, after_steps: int | None = None,
-                 min_seconds: float = 0.0) -> ToolRun:
+                 min_seconds: float = 0.0, label: str = "looptune") -> ToolRun:
     """looptune's micro-batch tuner on the stand-in: one global batch per optimizer step, split by
     hook.accumulate into micro-batches of at most hook.knobs["micro_batch_size"]. Runs until the knob
     reached REACH x the maximum, then `after_steps` more (default one epoch) and at least `min_seconds`
@@ -504,7 +515,7 @@ def run_looptune(curve: Curve, capacity: int, seed: int, maxb: int, *, global_ba
     after = after_steps if after_steps is not None else math.ceil(N / global_batch)
     state = tempfile.mkdtemp(prefix="lt-bench-batch-")
     t0 = time.perf_counter()
-    run = ToolRun("looptune", curve.key, seed, global_batch, None, 0, 0, 0, 0, 0.0)
+    run = ToolRun(label, curve.key, seed, global_batch, None, 0, 0, 0, 0, 0.0)
     try:
         config = {"tuners": {"state_file": os.path.join(state, "best.json")}}
         with fc.FakeCuda(capacity) as fake, \
@@ -569,9 +580,13 @@ def run_looptune(curve: Curve, capacity: int, seed: int, maxb: int, *, global_ba
         run.notes.append(f"knob >= {REACH:.0%} of the maximum at step {reached}" if reached is not None
                          else f"knob never reached {REACH:.0%} of the maximum")
         run.notes.append(f"last step's micro-batches: {_runs(last)}")
+        run.brief[f"knob >= {REACH:.0%} at step"] = reached if reached is not None else "never"
+        run.brief["last step's micro-batches"] = _runs(last)
         for h in trials:
             gain = f"{h['gain']:+.1%}" if isinstance(h.get("gain"), (int, float)) else "-"
             run.notes.append(f"engine trial {h.get('old')} -> {h.get('new')}: {h.get('outcome')} ({gain})")
+        run.brief["engine trials"] = ", ".join(f"{h.get('old')}->{h.get('new')} {h.get('outcome')}"
+                                               for h in trials) or "none"
     finally:
         shutil.rmtree(state, ignore_errors=True)
     run.seconds = time.perf_counter() - t0
@@ -598,11 +613,16 @@ def _span(values: list[Any], fmt: Callable[[Any], str] = str) -> str:
     return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
 
 
+def _joined(values: list[Any]) -> str:
+    """One value when every seed had it, else each seed's in seed order."""
+    return str(values[0]) if len(set(map(str, values))) == 1 else " / ".join(map(str, values))
+
+
 def goals(runs: list[ToolRun], maxb: dict[str, int]) -> list[tuple[str, bool, str]]:
     out = []
     tuned = {(r.curve, r.seed): r for r in runs if r.tool == "looptune"}
     for p in runs:
-        if p.tool == "looptune":
+        if p.tool.startswith("looptune"):
             continue
         lt = tuned.get((p.curve, p.seed))
         if lt is None:
@@ -614,10 +634,12 @@ def goals(runs: list[ToolRun], maxb: dict[str, int]) -> list[tuple[str, bool, st
         ok_share = lt_share >= peer_share
         ok_steps = steps is not None and steps <= p.probe_steps
         ok_ooms = lt.ooms <= p.ooms
-        out.append((f"{p.curve}, seed {p.seed}: looptune vs {p.tool}", ok_share and ok_steps and ok_ooms,
+        why = [w for w, ok in (("share", ok_share), ("steps", ok_steps), ("OOMs", ok_ooms)) if not ok]
+        out.append((f"{p.curve}, seed {p.seed}: looptune vs {p.tool}", not why,
                     f"share {lt_share:.2f} vs {peer_share:.2f}; steps to {peer_share:.2f}: "
                     f"{steps if steps is not None else 'never'} vs {p.probe_steps} probe steps; "
-                    f"OOMs {lt.ooms} vs {p.ooms}"))
+                    f"OOMs {lt.ooms} vs {p.ooms}" + (f"; behind on {', '.join(why)}" if why else "")
+                    + ("; the peer did no search (it kept its start)" if p.probe_steps == 0 and p.ooms == 0 else "")))
     return out
 
 
@@ -632,7 +654,8 @@ def report(runs: list[ToolRun], maxb: dict[str, int], args: argparse.Namespace, 
     lines.append("| curve (maximum) | tool (start) | probe steps | OOMs | final size (share of max) | samples wasted "
                  "| restarts | notes |")
     lines.append("|---|---|---|---|---|---|---|---|")
-    order = ["lightning power", "lightning binsearch", "accelerate above", "accelerate below", "looptune"]
+    order = ["lightning power", "lightning binsearch", "accelerate above", "accelerate below", "looptune",
+             TRIALS_LABEL]
     for ck in args.curve_list:
         m = maxb[ck]
         for tool in order:
@@ -645,7 +668,8 @@ def report(runs: list[ToolRun], maxb: dict[str, int], args: argparse.Namespace, 
                      else "none")
             if any(f is None for f in finals) and any(f is not None for f in finals):
                 final += f"; none in {sum(f is None for f in finals)} of {len(rs)}"
-            notes = "; ".join(sorted({n for r in rs for n in r.notes}))
+            keys = list(dict.fromkeys(k for r in rs for k in r.brief))
+            notes = "; ".join(f"{k}: {_joined([r.brief.get(k, '-') for r in rs])}" for k in keys)
             lines.append(f"| {CURVES[ck].title} ({m}) | {tool} ({_span([r.start for r in rs])}) | "
                          f"{_span([r.probe_steps for r in rs])} | {_span([r.ooms for r in rs])} | {final} | "
                          f"{_span([r.samples_wasted for r in rs], lambda v: f'{v:,}')} | "
@@ -663,7 +687,9 @@ def report(runs: list[ToolRun], maxb: dict[str, int], args: argparse.Namespace, 
                  "steps, OOMs <= its OOMs):")
     if "looptune" in missing:
         lines.append("- not checked: looptune: not available in this checkout")
-    elif not any(r.tool != "looptune" for r in runs):
+    elif "looptune" not in args.tool_list:
+        lines.append("- not checked: looptune not run (--tools)")
+    elif not any(not r.tool.startswith("looptune") for r in runs):
         lines.append("- not checked: no peer ran")
     for name, ok, value in goals(runs, maxb):
         lines.append(f"- {name}: {'PASS' if ok else 'FAIL'} ({value})")
@@ -686,16 +712,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--looptune-steps", type=int, default=None, help="looptune step cap (default 20000; --quick 2000)")
     p.add_argument("--looptune-after", type=int, default=None, help="looptune steps after a micro-batch of 90%% of "
                    "the maximum completed (default one epoch)")
-    p.add_argument("--looptune-min-seconds", type=float, default=None, help="looptune runs at least this long, for "
-                   "the engine's trials (default 20; --quick 0)")
-    p.add_argument("--looptune-seconds", type=float, default=None, help="looptune time cap (default 60; --quick 30)")
+    p.add_argument("--looptune-seconds", type=float, default=60.0, help="looptune time cap (default 60)")
+    p.add_argument("--trials-seconds", type=float, default=None, help="the extra looptune run that includes the "
+                   "engine's trials lasts at least this long, seed 1 only (default 20; --quick 0: not run)")
     p.add_argument("--json", default="", help="also write the raw figures here")
     args = p.parse_args(argv)
     args.seed_list = list(range(1, 1 + (args.seeds if args.seeds is not None else (1 if args.quick else 3))))
     args.looptune_steps = args.looptune_steps or (2000 if args.quick else 20000)
-    args.looptune_seconds = args.looptune_seconds or (30.0 if args.quick else 60.0)
-    if args.looptune_min_seconds is None:
-        args.looptune_min_seconds = 0.0 if args.quick else 20.0
+    if args.trials_seconds is None:
+        args.trials_seconds = 0.0 if args.quick else 20.0
     args.curve_list = [c.strip() for c in args.curves.split(",") if c.strip()]
     args.tool_list = [t.strip() for t in args.tools.split(",") if t.strip()]
     bad = [c for c in args.curve_list if c not in CURVES] + [t for t in args.tool_list
@@ -750,7 +775,12 @@ def main(argv: list[str] | None = None) -> int:
             if "looptune" in args.tool_list and "looptune" not in missing:
                 done(run_looptune(curve, capacity, seed, maxb[ck], global_batch=args.global_batch,
                                   max_steps=args.looptune_steps, seconds=args.looptune_seconds,
-                                  after_steps=args.looptune_after, min_seconds=args.looptune_min_seconds))
+                                  after_steps=args.looptune_after))
+                if args.trials_seconds > 0 and seed == args.seed_list[0]:
+                    done(run_looptune(curve, capacity, seed, maxb[ck], global_batch=args.global_batch,
+                                      max_steps=10**9, seconds=max(args.looptune_seconds, args.trials_seconds + 30),
+                                      after_steps=args.looptune_after, min_seconds=args.trials_seconds,
+                                      label=TRIALS_LABEL))
 
     print(report(runs, maxb, args, versions, missing), flush=True)
     if args.json:
