@@ -18,7 +18,7 @@ twice that, activations plus the backward's workspace):
                                                                   small sizes extrapolate to ~1000)
   padded    1344 bytes per element of a (B, L, 4) input, each     maximum 816 (at the longest
             batch padded to its longest sample; lengths drawn     sample, 239; a typical batch
-            once from a seeded log-normal (median 32, sigma 0.5,  of ~1000 is padded to ~150, so
+            once from a seeded log-normal (median 32, sigma 0.5,  of ~1000 is padded to ~155, so
             at least 4), the same data set for every tool         a few steps fit far more)
 
 The maximum is the largest batch size for which a real forward and backward of the model fits on
