@@ -466,6 +466,8 @@ class Engine:
             t.settled += 1
 
     def _maybe_start(self, key: Any, job: JobState, obs: Observation, w: Window) -> None:
+        if statistics.median(job.steady) <= 0:
+            return      # no samples counted (no watched loader): nothing a trial could be judged by
         for tuner in job.tuners:
             if tuner.knob in obs.untunable:
                 continue

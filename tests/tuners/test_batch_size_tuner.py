@@ -39,6 +39,12 @@ def test_no_trial_before_the_fit_then_half_once() -> None:
     assert BatchSizeTuner(BatchSizeOptions(min_micro_batch=512)).propose(ctx(800)) is None
 
 
+def done(hook: Hook) -> bool:
+    """The first trial ended: kept (its confirmation) or rolled back."""
+    return any(d.tuner == "batch_size" and not d.trial and d.reason.startswith(("kept", "roll back"))
+               for d in hook.decisions)
+
+
 def run(tmp_path: Any, seconds_per_micro_batch: Any, seconds: float = 30.0) -> Hook:
     """A job whose micro-batch costs seconds_per_micro_batch(rows); the embedded engine tunes it."""
     fake = FakeCuda(1000 * MiB).install()
@@ -62,16 +68,15 @@ def run(tmp_path: Any, seconds_per_micro_batch: Any, seconds: float = 30.0) -> H
         with hook:
             model = hook.watch(Model())
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            x, y = torch.randn(1024, 4), torch.randn(1024, 1)
+            data = torch.utils.data.TensorDataset(torch.randn(1024 * 4, 4), torch.randn(1024 * 4, 1))
+            loader = hook.watch(torch.utils.data.DataLoader(data, batch_size=1024))   # counts the samples
             end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                hook.accumulate((x, y), lambda mb: torch.nn.functional.mse_loss(model(mb[0]), mb[1]))
-                opt.step()
-                opt.zero_grad()
-                hook.step()
-                if any(d.tuner == "batch_size" and not d.trial and d.reason.startswith(("kept", "roll back"))
-                       for d in hook.decisions):
-                    break
+            while time.monotonic() < end and not done(hook):
+                for x, y in loader:
+                    hook.accumulate((x, y), lambda mb: torch.nn.functional.mse_loss(model(mb[0]), mb[1]))
+                    opt.step()
+                    opt.zero_grad()
+                    hook.step()
         return hook
     finally:
         fake.uninstall()
@@ -83,7 +88,7 @@ def test_a_smaller_micro_batch_that_is_slower_is_rolled_back(tmp_path) -> None:
     trials = [d for d in hook.decisions if d.tuner == "batch_size" and d.trial]
     assert trials, hook.decisions
     back = [d for d in hook.decisions if d.tuner == "batch_size" and d.reason.startswith("roll back")]
-    assert back and back[0].new == trials[0].old
+    assert back and back[0].new == trials[0].old, hook.decisions
     assert hook.knobs["micro_batch_size"] == trials[0].old
 
 

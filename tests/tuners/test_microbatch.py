@@ -27,7 +27,9 @@ def fake() -> Any:
 
 
 def hook_for(tmp_path: Any, tune: Any = ("batch_size",), **hook_cfg: Any) -> Hook:
-    cfg = {"tuners": {"state_file": str(tmp_path / "best.json")}, "hook": {"report_interval_seconds": 0.2, **hook_cfg}}
+    # the hook's own fit only: no engine trials on the knob here (test_batch_size_tuner.py has those)
+    cfg = {"tuners": {"state_file": str(tmp_path / "best.json"), "enabled": []},
+           "hook": {"report_interval_seconds": 0.2, **hook_cfg}}
     return Hook(run="mb-test", tune=list(tune) if isinstance(tune, tuple) else tune,
                 socket=str(tmp_path / "nodaemon.sock"), config=cfg)
 
