@@ -187,8 +187,8 @@ def _check_tuner(name: str) -> str | None:
 
 @dataclass
 class TunersConfig:
-    enabled: list[str] = opt(["workers", "batch_size"], "Tuner plugins to run (built-in: workers, batch_size; "
-                                                        "more through the entry-point group looptune.tuners).",
+    enabled: list[str] = opt(["workers", "batch_size", "compression"], "Tuner plugins to run (built-in: workers, "
+                             "batch_size, compression; more through the entry-point group looptune.tuners).",
                              check=_check_tuner)
     window_seconds: float = opt(1.0, "Length of one measurement window.", lo=0.2, hi=60)
     baseline_windows: int = opt(3, "Windows at the current setting a trial compares against.", lo=1, hi=60)

@@ -30,6 +30,9 @@ from looptune import verdicts  # noqa: E402
 SCHEMA_VERSION = 39          # Grafana 10.4 and 11.x; later releases migrate it on load
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RI = "$__rate_interval"
+# grad_compression as a number: a vector of constants keyed by the knob's value label
+COMPRESSION_CODES = " or ".join(f'label_replace(vector({i}), "value", "{v}", "", "")'
+                                for i, v in enumerate(("none", "fp16", "bf16", "powersgd")))
 
 # recording rules (dashboards/rules/looptune-recording.yml) the Fleet dashboard reads
 R_SAMPLES = "run:looptune_job_samples:rate1m"
@@ -298,6 +301,21 @@ def job_dashboard() -> dict[str, Any]:
                    [target(q.job_gpu_memory(sel), "rank {{rank}} gpu {{gpu}}"),
                     target(q.peak_memory(sel, 'kind=~"cuda_.*"'), "rank {{rank}} peak {{kind}}")],
                    unit="bytes"),
+
+        row("Gradient communication (DDP)"),
+        timeseries("Communication share", "Share of step time each rank waited on gradient all-reduce after "
+                   "backward (communication not hidden behind compute). From "
+                   f"{verdicts.COMM_SHARE:.0%} the engine judges the job communication-bound and the "
+                   "compression tuner may try a setting.",
+                   [target(q.comm_share(sel), "rank {{rank}}")], unit="percentunit", lo=0, hi=1, w=8),
+        timeseries("Gradient bytes per step", "Bytes each rank put on the wire for gradient all-reduce per "
+                   "optimizer step, under the current grad_compression setting.",
+                   [target(q.comm_bytes_per_step(sel), "rank {{rank}}")], unit="bytes", w=8),
+        timeseries("grad_compression", "The gradient compression setting each rank runs (0 none, 1 fp16, "
+                   "2 bf16, 3 powersgd); every rank switches at the same step.",
+                   [target(f'sum by (instance, rank) (looptune_job_knob_info{{{sel}, knob="grad_compression"}} '
+                           f'* on (value) group_left() ({COMPRESSION_CODES}))', "rank {{rank}}")],
+                   steps=True, decimals=0, w=8),
 
         row("Batch size (hook.accumulate)"),
         timeseries("Micro-batch size", "Rows per micro-batch hook.accumulate splits each batch into: the "

@@ -26,6 +26,18 @@ def data_wait_share(sel: str, rate: str = RATE_INTERVAL) -> str:
     return f"rate(looptune_job_data_wait_seconds_total{{{sel}}}[{rate}])"
 
 
+def comm_share(sel: str, rate: str = RATE_INTERVAL) -> str:
+    """Share of step time each rank waited on gradient all-reduce after backward, 0..1 (DDP jobs)."""
+    return (f"rate(looptune_job_comm_wait_seconds_total{{{sel}}}[{rate}]) / ignoring(le) "
+            f"rate(looptune_job_step_seconds_sum{{{sel}}}[{rate}])")
+
+
+def comm_bytes_per_step(sel: str, rate: str = RATE_INTERVAL) -> str:
+    """Bytes each rank put on the wire for gradients per optimizer step (DDP jobs)."""
+    return (f"rate(looptune_job_comm_bytes_total{{{sel}}}[{rate}]) / "
+            f"rate(looptune_job_optimizer_steps_total{{{sel}}}[{rate}])")
+
+
 def step_seconds_quantile(q: float, sel: str, by: str = "instance, rank", rate: str = RATE_INTERVAL) -> str:
     """Quantile `q` of the time between optimizer steps, from the step-time histogram, seconds."""
     return f"histogram_quantile({q:g}, sum by ({by}, le) (rate(looptune_job_step_seconds_bucket{{{sel}}}[{rate}])))"

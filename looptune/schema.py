@@ -45,6 +45,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("comm_seconds", COUNTER, "seconds", "Seconds the step waited for gradient all-reduce after "
            "backward finished (DDP jobs; communication not hidden behind compute).", optional=True,
            metric="looptune_job_comm_wait_seconds"),
+    Figure("comm_bytes", COUNTER, "bytes", "Bytes this rank put on the wire for gradient all-reduce (DDP jobs, "
+           "under the current grad_compression setting).", integer=True, optional=True,
+           metric="looptune_job_comm_bytes"),
     Figure("loss", GAUGE, "", "The latest loss given to hook.step(loss=...), read at report time.",
            optional=True, metric="looptune_job_loss"),
     Figure("loss_nonfinite", COUNTER, "reports", "Reports whose latest loss was NaN or infinite.",

@@ -13,8 +13,8 @@ from __future__ import annotations
 MARGIN = 0.04          # of the room: the caching allocator's rounding and fragmentation
 GROWTH = 4.0           # at most this many times the largest size that ran
 HEADROOM = 0.10        # below a size that ran out of memory after it had fit (a bigger input)
-SETTLE = 0.05          # between a size that ran and one that failed: stop when the next is this close
-CREEP = 0.10           # after an out-of-memory error: grow by this much at a time
+SETTLE = 0.025         # between a size that ran and one that failed: stop when the next is this close
+CREEP = 0.05           # after an out-of-memory error: grow by this much at a time
 
 
 class MemoryFit:

@@ -9,7 +9,8 @@ from importlib.metadata import entry_points
 from typing import Any, Callable
 
 BUILTIN = {"workers": "looptune.tuners.workers:WorkersTuner",
-           "batch_size": "looptune.tuners.batch_size:BatchSizeTuner"}
+           "batch_size": "looptune.tuners.batch_size:BatchSizeTuner",
+           "compression": "looptune.tuners.compression:CompressionTuner"}
 GROUP = "looptune.tuners"
 
 

@@ -126,7 +126,10 @@ class WorkersTuner(TunerBase):
             # min_gain, is not the same speed: the shrink has to measure no worse
             return Proposal(self.knob, max(1, math.ceil(allowed)),
                             f"CPU saturated with {cur} workers on {allowed:g} cores", keep_if="no_worse")
-        if ctx.verdict != "input":
+        # a saturated CPU with the loop still waiting on data: more workers than cores can still
+        # pay (workers idle on IPC between items) or not; a trial measures it like any climb
+        waiting = ctx.verdict == "input" or (ctx.verdict == "cpu" and ctx.window.data_wait_share >= RETRY_WAIT_SHARE)
+        if not waiting:
             # one window of a noisy neighbour's burst must not restart the count: it takes one off
             self.input_windows = max(0, self.input_windows - 1)
             return None
@@ -134,8 +137,9 @@ class WorkersTuner(TunerBase):
             return None          # the knob cannot change in this job: no point trying again
         if self.done:
             # one noisy trial must not end tuning for good: after a stretch of clearly input-bound
-            # windows (longer each time), explore upwards again from where the job is
-            if ctx.window.data_wait_share < RETRY_WAIT_SHARE:
+            # windows (longer each time), explore upwards again from where the job is; a saturated
+            # CPU is no reason to look again
+            if ctx.window.data_wait_share < RETRY_WAIT_SHARE or ctx.verdict != "input":
                 self.input_windows = max(0, self.input_windows - 1)
                 return None
             self.input_windows += 1
@@ -171,6 +175,10 @@ class WorkersTuner(TunerBase):
         value = proposal.value
         self.tried.add(value)
         if outcome == "kept":
+            if isinstance(self.proposed_from, int) and value < self.proposed_from:
+                # fewer workers measured as fast: more would not pay either, until the retry count says so
+                self.done, self.rejected_above = True, self.proposed_from
+                self.stop_reason = f"{value} workers as fast as {self.proposed_from}"
             return
         cur = self.proposed_from
         if outcome == "rolled_back" and cur == 0 and value == 1 and not self.skip_one and self.max_workers >= 2:

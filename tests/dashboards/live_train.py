@@ -9,8 +9,9 @@ samples, about a second) because the actuator applies only the first change of a
 once and defers later ones to the next epoch. The job trains until its stdin closes (or 300 s,
 a safety net).
 
-It also reports a textual knob, grad_compression="none", standing in for the DDP gradient
-compression knob that a single-process job lacks, and trains through hook.accumulate on the
+The model is DistributedDataParallel over a one-rank gloo group, so the job has the real
+grad_compression knob (textual), communication time and gradient bytes; it trains through
+hook.accumulate on the
 stand-in GPU (tests/fakes/fake_cuda.py, small enough that each batch of 8 is split), so the
 micro-batch size, device memory peak, gradient noise scale and one recovered out-of-memory error
 (injected at step 30) reach /metrics.
@@ -74,6 +75,10 @@ def main() -> int:
     fake = FakeCuda(100 * MiB).install()       # after the device choice: the model stays on the CPU
     fake.alloc(10 * MiB)
     model = torch.nn.Sequential(torch.nn.Linear(16, 2), MemoryLayer(fake, straight(10 * MiB))).to(device)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group("gloo", init_method=f"file://{a.pidfile}.store", rank=0, world_size=1)
+    model = DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     deadline = time.monotonic() + 300
     steps = 0
@@ -81,7 +86,6 @@ def main() -> int:
     with Hook(run=a.run, socket=a.socket) as hook:
         model = hook.watch(model)
         loader = hook.watch(DataLoader(Slow(), batch_size=8, shuffle=True, num_workers=0))
-        hook.knobs["grad_compression"] = "none"
         while time.monotonic() < deadline:
             for x, y in loader:
                 if steps == 30:

@@ -23,7 +23,7 @@ def report(**counters: Any) -> dict[str, Any]:
 
 def test_every_declared_figure_has_a_source_in_the_meter() -> None:
     m = Meter(on_error=lambda exc: None)
-    m.comm_seconds = 0.25
+    m.comm_seconds, m.comm_bytes = 0.25, 4096
     m.oom_recoveries, m.device_peak_bytes, m.gradient_noise_scale = 1, 2**30, 512.0
     m.step(loss=1.5)
     assert set(m.figures()) == set(schema.BY_NAME)
@@ -90,7 +90,7 @@ def test_the_engine_window_has_the_communication_share_and_the_loss() -> None:
 
 def test_the_exporter_exports_every_declared_metric() -> None:
     registry = CollectorRegistry(auto_describe=False)
-    full = HookView("r", "0", 1, 1, counters=report(comm_seconds=0.5, loss=0.25, loss_nonfinite=1, oom_recoveries=2,
+    full = HookView("r", "0", 1, 1, counters=report(comm_seconds=0.5, comm_bytes=8192, loss=0.25, loss_nonfinite=1, oom_recoveries=2,
                                                   device_memory_peak_bytes=2**30,
                                                   gradient_noise_scale=300.0)["counters"],
                     step_hist=[0] * NB)

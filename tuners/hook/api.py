@@ -73,6 +73,7 @@ class Hook:
         self.loader: Any = None          # the first watched loader: its knobs are reported and tuned
         self.module: Any = None          # the first watched model
         self.microbatcher: Any = None    # actuators.microbatch.MicroBatcher, made at the first accumulate()
+        self.comm: Any = None            # actuators.ddp.Dispatch of a watched DDP model
         self._sync = RankSync()
         self.tune: bool | list[str] = tune
         self.mode = "embedded"
@@ -160,12 +161,15 @@ class Hook:
         return bool(self.tune) and tuner in self.config.tuners.enabled
 
     def add_actuator(self, knob: str, get: Callable[[], Any], set: Callable[[Any], None], *,  # noqa: A002
-                     settling: Callable[[], bool] | None = None) -> None:
+                     settling: Callable[[], bool] | None = None, collective: bool = False) -> None:
         """Make `knob` tunable in this job: `get()` reads it, `set(value)` changes it at a step
-        boundary (raise to refuse), `settling()` is True while a new value still warms up."""
+        boundary (raise to refuse), `settling()` is True while a new value still warms up.
+        `collective`: every rank must hold the same value (a DDP comm setting); under
+        torch.distributed a change that fails on any rank is undone on all, and a hook that
+        turned itself off still follows such changes."""
         if not protocol.KNOB_RE.match(knob):
             raise ValueError(f"knob {knob!r} must match {protocol.KNOB_RE.pattern}")
-        self.actuators[knob] = Actuator(get, set, settling)
+        self.actuators[knob] = Actuator(get, set, settling, collective)
         self.untunable.pop(knob, None)
         self.knobs[knob] = get()
 
@@ -254,12 +258,42 @@ class Hook:
     def _sync_decisions(self) -> None:
         try:
             got = self._sync.exchange(self.rank, self._take_pending)
-            if got and not self.meter.off:
-                self._pending.extend(got)
-                self._apply_pending()
+            if not got:
+                return
+            collective = [d for d in got if self._is_collective(d.get("knob"))]
+            before = {d["knob"]: self.actuators[d["knob"]].get() for d in collective}
+            if self.meter.off:
+                got = collective     # a rank whose hook is off still runs the comm setting the others run
+            self._pending.extend(got)
+            self._apply_pending()
+            if collective:
+                self._agree(before)
         except Exception as exc:  # noqa: BLE001 - every rank fails alike here: stop syncing, keep training
             self._sync.every = 0
             self._failed(exc)
+
+    def _is_collective(self, knob: Any) -> bool:
+        act = self.actuators.get(knob)
+        return act is not None and act.collective
+
+    def _agree(self, before: dict[str, Any]) -> None:
+        """After collective changes at a sync step: unless every rank now holds what rank 0 holds,
+        all go back to the values they held before (the same on every rank), at this same step."""
+        agreed = self._sync.agree([self.actuators[k].get() for k in sorted(before)])
+        if agreed:
+            return
+        for knob, old in before.items():
+            try:
+                self.actuators[knob].set(old)
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc)
+        self.refresh_knobs()
+        for rec in self.decisions[::-1]:
+            if rec.knob in before and rec.outcome == "applied" and rec.step == self.meter.steps:
+                rec.outcome, rec.detail = "failed", "not applied on every rank: undone on all"
+                if self._channel is not None:
+                    self._channel.acknowledge(rec)
+        log.warning("looptune: %s not applied alike on every rank; back to %s on all", sorted(before), before)
 
     # ---- decisions ----
 

@@ -47,3 +47,13 @@ class RankSync:
         payload: list[Any] = [take() if rank == 0 else None]
         dist.broadcast_object_list(payload, src=0)
         return payload[0] or []
+
+    def agree(self, values: list[Any]) -> bool:
+        """True when every rank holds the same `values` as rank 0 (one broadcast, one all-reduce)."""
+        import torch
+        import torch.distributed as dist
+        ref: list[Any] = [values]
+        dist.broadcast_object_list(ref, src=0)
+        same = torch.tensor([0 if ref[0] == values else 1], dtype=torch.int32)
+        dist.all_reduce(same)
+        return int(same.item()) == 0

@@ -17,6 +17,7 @@ class Actuator:
     get: Callable[[], Any]
     set: Callable[[Any], None]
     settling: Callable[[], bool] | None = None
+    collective: bool = False    # every rank must run the same value (DDP's comm hook): applied on all or none
 
 
 def _is_loader(obj: Any) -> bool:

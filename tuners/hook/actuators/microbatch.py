@@ -229,29 +229,32 @@ class MicroBatcher:
             dist.broadcast(b, 0, group=ddp.process_group)
 
     def _allreduce(self) -> None:
+        """The batch's gradients averaged across ranks, in buckets, under the job's grad_compression
+        setting (the watched DDP model's comm state) when it has one."""
         import torch.distributed as dist
         torch = _torch()
+        from looptune.tuners.hook.actuators.ddp import FlatBucket
         group = self.ddp.process_group
         world = dist.get_world_size(group)
+        comm = self.hook.comm
         t0 = time.perf_counter()
         for p in self.params:
             if p.grad is None:                  # unused this batch: every rank sends the same layout
                 p.grad = torch.zeros_like(p)
         if self._buckets is None:
             self._buckets = self._make_buckets()
-        works = []
-        for params, buf in self._buckets:
-            if buf is None:
-                works.extend((None, p, dist.all_reduce(p.grad, group=group, async_op=True)) for p in params)
+        for i, (params, buf) in enumerate(self._buckets):
+            if buf is None:                     # no room for a flat buffer: one by one, uncompressed
+                for p in params:
+                    dist.all_reduce(p.grad, group=group)
+                    p.grad.div_(world)
                 continue
             torch.cat([p.grad.reshape(-1) for p in params], out=buf)
-            works.append((buf, params, dist.all_reduce(buf, group=group, async_op=True)))
-        for buf, params, work in works:
-            work.wait()
-            if buf is None:
-                params.grad.div_(world)
-                continue
-            buf.div_(world)
+            if comm is not None:
+                comm.reduce_now(FlatBucket(i, buf, params))
+            else:
+                dist.all_reduce(buf, group=group)
+                buf.div_(world)
             offset = 0
             for p in params:
                 k = p.numel()
@@ -267,8 +270,8 @@ class MicroBatcher:
         groups: dict[tuple[Any, Any], list[list[Any]]] = {}
         for p in self.params:
             lists = groups.setdefault((p.dtype, p.device), [[]])
-            if sum(q.numel() * q.element_size() for q in lists[-1]) + p.numel() * p.element_size() > BUCKET_BYTES \
-                    and lists[-1]:
+            size = sum(q.numel() * q.element_size() for q in lists[-1])
+            if lists[-1] and size + p.numel() * p.element_size() > BUCKET_BYTES:
                 lists.append([])
             lists[-1].append(p)
         out: list[tuple[list[Any], Any]] = []

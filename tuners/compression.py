@@ -1,0 +1,89 @@
+"""The `compression` tuner: DDP gradient compression, switched on only where the wire is the
+bottleneck, and kept only where it pays.
+
+It proposes only on a `communication` verdict (the share of step time a rank waits on gradient
+all-reduce after backward). The cheap settings first: bf16, else fp16 (a cast for the wire), then
+PowerSGD at the job's powersgd_rank. Each is a trial the engine measures: kept when samples/s
+gains by the engine's bar with the loss healthy (a non-finite loss or one clearly above its trend
+rolls back at once). A PowerSGD trial the loss guard rolls back is tried once more at a higher
+rank (less compression) before the tuner stops. A setting the job cannot use (bf16 on a backend
+without it) fails its trial with the reason, and the next one is tried.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from looptune.options import opt
+from looptune.tuners.engine import Context, Proposal, TunerBase
+
+SETTINGS = ("none", "fp16", "bf16", "powersgd")
+
+
+def _check_settings(values: list[str]) -> str | None:
+    bad = [v for v in values if v not in SETTINGS[1:]]
+    return f"has {bad}; allowed: {', '.join(SETTINGS[1:])}" if bad else None
+
+
+@dataclass
+class CompressionOptions:
+    """The config section tuners.compression."""
+    settings: list[str] = opt(["bf16", "fp16", "powersgd"], "Settings to try, in order; a 16-bit cast once "
+                                                             "kept makes the other one pointless.",
+                              check=_check_settings)
+    retry_rank: int = opt(4, "PowerSGD rank to retry at when the loss guard rolled PowerSGD back (0: no retry).",
+                          lo=0, hi=1024)
+    min_comm_share: float = opt(0.15, "Communication share of step time below which no trial starts.",
+                                lo=0, hi=1)
+
+
+class CompressionTuner(TunerBase):
+    """grad_compression for DDP jobs that wait on gradient all-reduce."""
+    name = "compression"
+    knob = "grad_compression"
+    Options = CompressionOptions
+
+    def __init__(self, options: CompressionOptions | None = None) -> None:
+        o = options or CompressionOptions()
+        self.order = list(o.settings)
+        self.retry_rank = int(o.retry_rank)
+        self.min_share = float(o.min_comm_share)
+        self.tried: set[str] = set()
+        self.retry_pending = False       # PowerSGD failed its loss: raise the rank, then try it again
+        self.retried = False
+
+    def propose(self, ctx: Context) -> Proposal | None:
+        cur = ctx.obs.knobs.get(self.knob)
+        if not isinstance(cur, str) or ctx.verdict != "communication":
+            return None
+        share = ctx.window.comm_share or 0.0
+        if share < self.min_share:
+            return None
+        why = f"communication-bound ({share:.0%} of step time waiting on gradient all-reduce)"
+        if self.retry_pending:
+            rank = ctx.obs.knobs.get("powersgd_rank")
+            if isinstance(rank, int) and rank < self.retry_rank and "powersgd_rank" not in ctx.obs.untunable:
+                self.retry_pending = False
+                # the rank alone changes nothing outside PowerSGD: kept unless it costs
+                return Proposal("powersgd_rank", self.retry_rank, f"{why}: PowerSGD again at a higher rank",
+                                keep_if="no_worse")
+            self.retry_pending = False
+        for setting in self.order:
+            if setting == cur or setting in self.tried:
+                continue
+            if cur in ("fp16", "bf16") and setting in ("fp16", "bf16"):
+                continue         # one 16-bit cast kept: the other halves the same bytes
+            if cur == "powersgd":
+                return None
+            return Proposal(self.knob, setting, f"{why}: try {setting}")
+        return None
+
+    def result(self, proposal: Proposal, outcome: str, gain: float | None, ctx: Context) -> None:
+        if proposal.knob == "powersgd_rank":
+            if outcome == "kept":
+                self.tried.discard("powersgd")
+                self.retried = True
+            return
+        self.tried.add(proposal.value)
+        if proposal.value == "powersgd" and outcome == "rolled_back" and self.retry_rank and not self.retried:
+            # faster and still rolled back: the loss guard's doing, so a less lossy rank may pass
+            self.retry_pending = gain is not None and gain > 0
