@@ -39,6 +39,8 @@ Figures, each a ratio against `none` of the same link and model measured in this
   samples/s end     samples/s over the last quarter of the steps (for tuned: what it settled on)
   loss              the loss on a fixed held-out set of 2048 samples after the last step: the loss
                     at an equal number of steps, same seeds, same data
+  ms/step, CPU ms/step   wall time per timed step (median over rounds), and rank 0's process CPU time
+                    per timed step (all its threads: the hook's reporter too; gloo's waits count)
   final             the setting the run ended on (tuned: with the engine's trials: kept / rolled
                     back / failed, and the gain each measured)
 
@@ -203,6 +205,7 @@ class Result:
     seconds: float = 0.0
     comm_mb_per_step: float | None = None
     load: tuple[float, float] = (0.0, 0.0)                    # 1-minute load average at the start and the end
+    cpu_ms: float | None = None                               # rank 0: process CPU per timed step
 
     def rate(self, first: int, last: int, batch: int) -> float | None:
         """Samples/s (both ranks) over steps first..last (indices into times)."""
@@ -261,8 +264,13 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                 if hook is not None:
                     hook.step(loss=loss.detach())
                 times.append(time.perf_counter())
+                if len(times) == spec.warmup:
+                    cpu0 = time.process_time()
                 losses.append(float(loss.detach()))
-            out.update(times=times, settings=settings, losses=losses, seconds=time.monotonic() - t0)
+            # CPU of this rank's process (every thread: the hook's too) per timed step: where the host is
+            # shared, a steadier figure of what the hook costs than wall time
+            cpu_ms = (time.process_time() - cpu0) / (len(times) - spec.warmup) * 1e3 if len(times) > spec.warmup else None
+            out.update(times=times, settings=settings, losses=losses, seconds=time.monotonic() - t0, cpu_ms=cpu_ms)
             if hook is not None and hook.meter.comm_bytes:
                 out["comm_mb_per_step"] = hook.meter.comm_bytes / max(1, hook.meter.steps) / 1e6
             if rank == 0:
@@ -335,6 +343,7 @@ def run_once(spec: Spec) -> Result:
     res.eval_loss, res.final = r0.get("eval_loss"), r0.get("final", "none")
     res.history, res.windows = r0.get("history", []), r0.get("windows", [])
     res.comm_mb_per_step = r0.get("comm_mb_per_step")
+    res.cpu_ms = r0.get("cpu_ms")
     return res
 
 
@@ -455,12 +464,12 @@ def report(results: Results, args: argparse.Namespace, load: tuple[float, float]
              + ("tuner config: defaults but a fresh state file" if not args.tuner_config else
                 f"tuner config NOT the defaults: {json.dumps(args.tuner_config)}"),
              ""]
-    lines.append("| link | model | run | samples/s whole | samples/s end | loss at equal steps | ms/step | "
+    lines.append("| link | model | run | samples/s whole | samples/s end | loss at equal steps | ms/step | CPU ms/step | "
                  "final | load | notes |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for link in args.link_list:
         if link in unavailable:
-            lines.append(f"| {link} | | | | | | | | | not run: {unavailable[link]} |")
+            lines.append(f"| {link} | | | | | | | | | | not run: {unavailable[link]} |")
             continue
         for mk in args.model_list:
             m = MODELS[mk]
@@ -472,7 +481,7 @@ def report(results: Results, args: argparse.Namespace, load: tuple[float, float]
                 title = f"{m.title} ({m.params / 1e6:.2f} M params, batch {m.batch})"
                 ok = [r for r in rs if r.ok]
                 if not ok:
-                    lines.append(f"| {link} | {title} | {setting} | - | - | - | - | - | - | {rs[0].why} |")
+                    lines.append(f"| {link} | {title} | {setting} | - | - | - | - | - | - | - | {rs[0].why} |")
                     continue
                 f = figures(rs, base, m, args.warmup)
                 notes = []
@@ -487,6 +496,7 @@ def report(results: Results, args: argparse.Namespace, load: tuple[float, float]
                 lines.append(f"| {link} | {title} | {setting} | {_with_range(f.whole, f.whole_range)} | "
                              f"{_with_range(f.end, f.end_range)} | {fmt(f.loss, '.3f')} | "
                              f"{fmt(_median([ms_per_step(r, args.warmup) for r in ok]), '.0f')} | "
+                             f"{fmt(_median([r.cpu_ms for r in ok]), '.0f')} | "
                              f"{' / '.join(dict.fromkeys(r.final for r in ok))} | {min(loads):.1f}–{max(loads):.1f} | "
                              f"{'; '.join(notes)} |")
     lines.append("")
@@ -572,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                             f = figures([r], results[(link, mk, "none")][-1:], m, args.warmup)
                             tag = f" round {rnd + 1}" if args.repeat > 1 else ""
                             print(f"[{link} {mk}{tag}] {setting}: " + (
-                                f"{fmt(ms_per_step(r, args.warmup), '.0f')} ms/step, whole {fmt(f.whole)}x, end "
+                                f"{fmt(ms_per_step(r, args.warmup), '.0f')} ms/step (CPU {fmt(r.cpu_ms, '.0f')}), "
+                                f"whole {fmt(f.whole)}x, end "
                                 f"{fmt(f.end)}x, loss {fmt(r.eval_loss, '.5f')} ({fmt(f.loss, '.3f')}x), final "
                                 f"{r.final}, {r.seconds:.0f} s, load {r.load[0]:.1f}-{r.load[1]:.1f}"
                                 if r.ok else f"not run: {r.why}"), file=sys.stderr, flush=True)
