@@ -19,9 +19,9 @@ from looptune.tuners.engine import Context, Proposal, TunerBase
 SETTINGS = ("none", "fp16", "bf16", "powersgd")
 
 
-def _check_settings(values: list[str]) -> str | None:
-    bad = [v for v in values if v not in SETTINGS[1:]]
-    return f"has {bad}; allowed: {', '.join(SETTINGS[1:])}" if bad else None
+def _check_setting(value: str) -> str | None:
+    """One entry of the settings list (opt checks list entries one by one)."""
+    return None if value in SETTINGS[1:] else f"is not a setting; allowed: {', '.join(SETTINGS[1:])}"
 
 
 @dataclass
@@ -29,7 +29,7 @@ class CompressionOptions:
     """The config section tuners.compression."""
     settings: list[str] = opt(["bf16", "fp16", "powersgd"], "Settings to try, in order; a 16-bit cast once "
                                                              "kept makes the other one pointless.",
-                              check=_check_settings)
+                              check=_check_setting)
     retry_rank: int = opt(4, "PowerSGD rank to retry at when the loss guard rolled PowerSGD back (0: no retry).",
                           lo=0, hi=1024)
     min_comm_share: float = opt(0.15, "Communication share of step time below which no trial starts.",
