@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable
 
 from looptune.tuners.hook.actuators import split
-from looptune.tuners.memfit import MemoryFit
+from looptune.tuners.memfit import SETTLE, MemoryFit
 
 log = logging.getLogger("looptune.hook")
 
@@ -149,11 +149,11 @@ class MicroBatcher:
 
     def _update_knob(self) -> None:
         """The knob: rows of the widest input seen that fit now. It moves only on a real change
-        (5%), so the allocator's jitter is not mistaken for a setting changed by the job."""
+        (2%), so the allocator's jitter is not mistaken for a setting changed by the job."""
         if not self.fitted:
             return
         rows = min(self._rows_that_fit(self.max_rows, self.widest), self.user_cap or self.max_rows, self.max_rows)
-        if rows < self.limit_rows or rows > self.limit_rows * 1.05 or not self.limit_rows:
+        if rows < self.limit_rows or rows > self.limit_rows * 1.02 or not self.limit_rows:
             self.limit_rows = rows
 
     def _attempt(self, batch: Any, n: int, width: float, compute_loss: Callable[[Any], Any],
@@ -192,8 +192,8 @@ class MicroBatcher:
             if not self.fitted:
                 self.limit_rows = rows
                 predicted = self._rows_that_fit(n, width)
-                if rows == n or rows >= 0.97 * predicted:
-                    self.fitted = True        # it ran at the size it predicted: the fit holds
+                if rows == n or predicted <= rows * (1 + SETTLE):
+                    self.fitted = True        # it ran at the size it predicts: nothing left worth a probe
             done += rows
         return total, None, None
 
@@ -215,6 +215,7 @@ class MicroBatcher:
                         "done again in smaller micro-batches", max(1, int(size / width)), kind)
         if self.fitted:
             self.limit_rows = max(1, min(self.limit_rows, int(self._rows_that_fit(self.max_rows, self.widest))))
+            self.fitted = False     # probe back up (verified, 5% at a time) to 10% below the failure
 
     # ---- DDP: buffers and gradients, once per batch ----
 
