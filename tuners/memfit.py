@@ -11,7 +11,7 @@ that ran out of memory, and after such an error creeps up 5% at a time.
 """
 from __future__ import annotations
 
-MARGIN = 0.04          # of the room: the caching allocator's rounding and fragmentation
+MARGIN = 0.03          # of the room: the caching allocator's rounding and fragmentation
 GROWTH = 4.0           # at most this many times the largest size that ran
 HEADROOM = 0.10        # below a size that ran out of memory after it had fit (a bigger input)
 SETTLE = 0.025         # between a size that ran and one that failed: stop when the next is this close
