@@ -190,7 +190,8 @@ class MicroBatcher:
             if noise and mb == 0:
                 self._noise_small_at(rows / n, rows)
             if not self.fitted:
-                self.limit_rows = rows
+                # the largest that ran in this batch (not a leftover remainder)
+                self.limit_rows = rows if mb == 0 else max(self.limit_rows, rows)
                 predicted = self._rows_that_fit(n, width)
                 if rows == n or predicted <= rows * (1 + SETTLE):
                     self.fitted = True        # it ran at the size it predicts: nothing left worth a probe
