@@ -6,13 +6,13 @@ memory of a micro-batch is its peak allocation minus what stays allocated after 
 gradients, optimizer state): activations and workspaces. Real curves are not straight: the
 prediction goes on from the largest size that ran with the smaller of the last two local slopes
 (a curve bending up shows in them; a one-off step, a kernel's bigger workspace, does not become
-a slope), never extrapolates past 4x the largest that ran, keeps a margin, stays below any size
+a slope), never extrapolates past 2x the largest that ran, keeps a margin, stays below any size
 that ran out of memory, and after such an error creeps up 5% at a time.
 """
 from __future__ import annotations
 
 MARGIN = 0.03          # of the room: the caching allocator's rounding and fragmentation
-GROWTH = 4.0           # at most this many times the largest size that ran
+GROWTH = 2.0           # at most this many times the largest size that ran
 HEADROOM = 0.10        # below a size that ran out of memory after it had fit (a bigger input)
 SETTLE = 0.025         # between a size that ran and one that failed: stop when the next is this close
 CREEP = 0.05           # after an out-of-memory error: grow by this much at a time
