@@ -161,6 +161,18 @@ def test_a_loss_above_its_trend_rolls_back(jump: float, outcome: str) -> None:
         assert "loss" in last["detail"] and "trend" in last["detail"]
 
 
+def test_a_loss_that_falls_ever_slower_does_not_roll_back_a_good_trial() -> None:
+    # a real loss curve flattens: its straight line before the change lies below where it goes
+    # next (the Lightning example once lost 2 workers to "loss 1.074 is above its trend")
+    def loss(report: int, n: int) -> float:
+        return 1.0 + 2.0 * 0.8 ** report
+
+    engine, job = make_job([ScriptTuner([4])], settings=Settings(baseline_windows=5), loss=loss,
+                           curve=rates({0: 100.0, 4: 200.0}))
+    run_trial(job)
+    assert engine.jobs[KEY].history[-1]["outcome"] == "kept", engine.jobs[KEY].history[-1]
+
+
 # ---- noise ----
 
 CYCLE = (0.9, 1.0, 1.1)       # a deterministic jitter: median 1, median absolute deviation 0.1
