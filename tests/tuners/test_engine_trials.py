@@ -161,11 +161,12 @@ def test_a_loss_above_its_trend_rolls_back(jump: float, outcome: str) -> None:
         assert "loss" in last["detail"] and "trend" in last["detail"]
 
 
-def test_a_loss_that_falls_ever_slower_does_not_roll_back_a_good_trial() -> None:
-    # a real loss curve flattens: its straight line before the change lies below where it goes
-    # next (the Lightning example once lost 2 workers to "loss 1.074 is above its trend")
+def test_a_loss_that_stops_falling_does_not_roll_back_a_good_trial() -> None:
+    # a loss that reaches its plateau as the trial starts: its straight line before the change
+    # lies below the plateau (the Lightning example once lost 2 workers to "loss 1.074 is above
+    # its trend before the change (1.159)"); a falling loss is held to its last level instead
     def loss(report: int, n: int) -> float:
-        return 1.0 + 2.0 * 0.8 ** report
+        return 3.0 - 0.3 * min(report, 5)
 
     engine, job = make_job([ScriptTuner([4])], settings=Settings(baseline_windows=5), loss=loss,
                            curve=rates({0: 100.0, 4: 200.0}))
