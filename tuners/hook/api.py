@@ -75,6 +75,9 @@ class Hook:
         self.microbatcher: Any = None    # actuators.microbatch.MicroBatcher, made at the first accumulate()
         self.comm: Any = None            # actuators.ddp.Dispatch of a watched DDP model
         self._sync = RankSync()
+        # a framework adapter's view of (rank, world size), e.g. Lightning's trainer.global_rank: right
+        # before torch.distributed is initialised too; None: torch.distributed, else RANK / WORLD_SIZE
+        self.rank_source: Callable[[], tuple[int, int]] | None = None
         self.tune: bool | list[str] = tune
         self.mode = "embedded"
         self._channel: Channel | None = None
@@ -377,16 +380,28 @@ class Hook:
     def _settling(self) -> list[str]:
         return [k for k, a in self.actuators.items() if a.settling is not None and a.settling()]
 
+    def rank_world(self) -> tuple[int, int]:
+        """This process's (rank, world size): `rank_source` when an adapter set one, else
+        torch.distributed when it is up, else the launcher's RANK / WORLD_SIZE."""
+        source = self.rank_source
+        if source is not None:
+            try:
+                rank, world = source()
+                return int(rank), int(world)
+            except Exception:  # noqa: BLE001 - the framework cannot tell yet: fall back
+                pass
+        return rank_world()
+
     def report(self) -> dict[str, Any]:
         """The report message for the daemon (also what the embedded engine and metrics read)."""
-        self.rank, self.world_size = rank_world()
+        self.rank, self.world_size = self.rank_world()
         return {"type": "report", "pid": os.getpid(), "world_size": self.world_size,
                 "counters": self.meter.figures(), "step_hist": list(self.meter.hist), "knobs": dict(self.knobs),
                 "memory": runinfo.memory_peaks(), "hook_errors": self._errors, "disabled": self.meter.off,
                 "signature": self.signature, "untunable": dict(self.untunable), "settling": self._settling()}
 
     def hello(self) -> dict[str, Any]:
-        self.rank, self.world_size = rank_world()
+        self.rank, self.world_size = self.rank_world()
         return {"type": "hello", "run": self.run, "rank": self.rank, "world_size": self.world_size,
                 "pid": os.getpid(), "tuners": self.tuners, "tune": bool(self.tune)}
 
