@@ -138,7 +138,8 @@ class Hook:
             self._failed(exc)
             return obj
 
-    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any]) -> float:
+    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any],
+                   backward: Callable[[Any], None] | None = None) -> float:
         """Forward and backward of one batch (the batch per optimizer step) in micro-batches that fit
         the device; returns the batch's mean loss as a float.
 
@@ -146,17 +147,22 @@ class Hook:
         scaled by its share of the batch, so the gradient is the unsplit batch's. An out-of-memory
         error is recovered in the step (the batch done again in smaller micro-batches). With the
         batch_size tuner off (or the hook disabled before the first call) the batch is not split.
+        `backward(loss)` back-propagates one (scaled) micro-batch loss where a framework has its own
+        way (mixed-precision loss scaling, its backward hooks); default `loss.backward()`.
         """
         mb = self.microbatcher
         if mb is None:
             if self._off or not self._tunes("batch_size"):
                 loss = compute_loss(batch)
-                loss.backward()
+                if backward is not None:
+                    backward(loss)
+                else:
+                    loss.backward()
                 return float(loss.detach())
             from looptune.tuners.hook.actuators.microbatch import MicroBatcher
             mb = self.microbatcher = MicroBatcher(self, split_batch_norm=self.config.hook.micro_batch_split_batch_norm)
         # not given up when the hook turns itself off: every DDP rank keeps the same collectives
-        return mb.accumulate(batch, compute_loss)
+        return mb.accumulate(batch, compute_loss, backward)
 
     def _tunes(self, tuner: str) -> bool:
         if isinstance(self.tune, (list, tuple)):
