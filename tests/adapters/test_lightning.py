@@ -405,6 +405,8 @@ def ddp_rank(port: int) -> Callable[..., None]:
                                   tune=["workers", "compression"],
                                   config=quiet_config(root / f"r{rank}", sync_every_steps=2))
             (root / f"r{rank}").mkdir(exist_ok=True)
+            if rank == 1:
+                assert cb.hook.rank == 0        # its hook made now, before the group: RANK is not set yet
             callbacks: list[Any] = [cb]
             if rank == 0:
                 callbacks.append(Decide(cb, DDP_PLAN))
