@@ -448,3 +448,51 @@ def test_two_gloo_ranks_through_lightning_ddp_agree_on_every_knob_change() -> No
         for e in range(DDP_EPOCHS):
             sampler.set_epoch(e)
             assert res["seen"][e] == list(sampler), (r, e)
+
+
+def ddp_split_rank(port: int, split: bool) -> Callable[..., None]:
+    """One rank of a 2-rank DDP fit of LitMem on its own stand-in GPU; `split`: with the callback
+    (micro-batches, an out-of-memory error on rank 1 at step 3), else unsplit on a big one."""
+    def main(rank: int, store: str, tmp: str, results: Any) -> None:
+        try:
+            from lightning.pytorch.strategies import DDPStrategy
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                              LOCAL_RANK=str(rank))
+            os.environ.pop("RANK", None)
+            torch.set_num_threads(1)
+            root = Path(tmp) / f"r{rank}"
+            root.mkdir(exist_ok=True)
+            fake = FakeCuda(1000 * MiB if split else 10**12).install()
+            fake.alloc(100 * MiB)
+            callbacks: list[Any] = []
+            cb = None
+            if split:
+                cb = LooptuneCallback(run="lit-ddp-mb", socket=str(root / "none.sock"),
+                                      tune=["batch_size", "compression"], config=quiet_config(root, sync_every_steps=2))
+                callbacks = [cb, OomsAndKnobs(fake, cb, {3: "backward"} if rank == 1 else {})]
+            model = LitMem(fake, straight(MiB // 2))
+            fit(root, model, 1, callbacks, seed=3, devices=2, strategy=DDPStrategy(process_group_backend="gloo"))
+            out = {"rank": rank, "params": [p.detach().tolist() for p in model.net.parameters()],
+                   "rows": sorted({r for _, r in model.calls}), "ooms": fake.ooms}
+            if cb is not None:
+                out.update(knob=cb.hook.knobs.get("micro_batch_size"), recoveries=cb.hook.microbatcher.recoveries,
+                           errors=cb.hook.errors)
+            results.put(out)
+        except BaseException:  # noqa: BLE001 - reported to the test
+            results.put({"rank": rank, "error": traceback.format_exc()})
+    return main
+
+
+def test_two_gloo_ranks_split_micro_batches_inside_lightning_ddp_like_an_unsplit_fit() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tuners"))
+    from gloo_ranks import run_ranks
+    ref = run_ranks(ddp_split_rank(free_port(), False), 2, DDP_TIMEOUT, prefix="lt-lit-ddp-ref-")
+    got = run_ranks(ddp_split_rank(free_port(), True), 2, DDP_TIMEOUT, prefix="lt-lit-ddp-mb-")
+    assert ref[0]["rows"] == [ROWS]
+    assert got[1]["ooms"] >= 1 and got[1]["recoveries"] >= 1          # recovered in its step, no hang
+    for r in (0, 1):
+        assert got[r]["errors"] == 0 and 0 < got[r]["knob"] < ROWS and max(got[r]["rows"]) < ROWS
+    assert got[0]["params"] == got[1]["params"]
+    for a, b in zip(ref[0]["params"], got[0]["params"]):
+        ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        assert float((ta - tb).abs().max() / ta.abs().max()) < 1e-9
