@@ -199,7 +199,7 @@ def test_input_bound_fit_doubles_samples_per_second_exactly_once_and_shows_in_th
 
 # ---- 2. batch size on the stand-in GPU ----
 
-ROWS, BATCHES = 2048, 16
+ROWS, BATCHES = 2048, 8
 
 
 class LitMem(pl.LightningModule):
@@ -256,7 +256,7 @@ def test_stand_in_gpu_micro_batches_inside_lightning_equal_an_unsplit_fit(tmp_pa
         best = 900                                       # (1000 - 100) MiB / (0.5 MiB of activations + 0.5 of backward)
         cb = LooptuneCallback(run="lit-mb", socket=str(tmp_path / "none.sock"), tune=["batch_size"],
                               config=quiet_config(tmp_path))
-        inject = {8: "forward", 14: "backward", 24: "forward"}          # after the fit: sizes that ran before
+        inject = {7: "forward", 10: "backward", 13: "forward"}          # after the fit: sizes that ran before
         probe = OomsAndKnobs(fake, cb, inject)
         split = LitMem(fake, curve)
         trainer = fit(tmp_path, split, 2, [cb, probe])
@@ -277,9 +277,11 @@ def test_stand_in_gpu_micro_batches_inside_lightning_equal_an_unsplit_fit(tmp_pa
         assert max(rows) < ROWS
         if step not in inject:
             assert sum(rows) == ROWS, (step, rows)
-    for a, b in zip(ref.net.parameters(), split.net.parameters()):
-        rel = float((a - b).abs().max() / a.abs().max())
-        assert rel < 1e-9, rel
+    rels = [float((a - b).abs().max() / a.abs().max()) for a, b in zip(ref.net.parameters(), split.net.parameters())]
+    print(f"\nlightning stand-in GPU: micro_batch_size per step {probe.knobs} (largest that fits {best}; >= 90% "
+          f"after step {first_good + 1}); OOMs {fake.ooms}, recovered {hook.microbatcher.recoveries}; "
+          f"parameters vs unsplit: max relative difference {max(rels):.1e}")
+    assert max(rels) < 1e-9, rels
     assert hook.report()["counters"]["oom_recoveries"] == hook.microbatcher.recoveries
 
 
