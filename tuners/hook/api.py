@@ -75,6 +75,9 @@ class Hook:
         self.microbatcher: Any = None    # actuators.microbatch.MicroBatcher, made at the first accumulate()
         self.comm: Any = None            # actuators.ddp.Dispatch of a watched DDP model
         self._sync = RankSync()
+        # a framework adapter's view of (rank, world size), e.g. Lightning's trainer.global_rank: right
+        # before torch.distributed is initialised too; None: torch.distributed, else RANK / WORLD_SIZE
+        self.rank_source: Callable[[], tuple[int, int]] | None = None
         self.tune: bool | list[str] = tune
         self.mode = "embedded"
         self._channel: Channel | None = None
@@ -135,7 +138,8 @@ class Hook:
             self._failed(exc)
             return obj
 
-    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any]) -> float:
+    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any],
+                   backward: Callable[[Any], None] | None = None) -> float:
         """Forward and backward of one batch (the batch per optimizer step) in micro-batches that fit
         the device; returns the batch's mean loss as a float.
 
@@ -143,17 +147,22 @@ class Hook:
         scaled by its share of the batch, so the gradient is the unsplit batch's. An out-of-memory
         error is recovered in the step (the batch done again in smaller micro-batches). With the
         batch_size tuner off (or the hook disabled before the first call) the batch is not split.
+        `backward(loss)` back-propagates one (scaled) micro-batch loss where a framework has its own
+        way (mixed-precision loss scaling, its backward hooks); default `loss.backward()`.
         """
         mb = self.microbatcher
         if mb is None:
             if self._off or not self._tunes("batch_size"):
                 loss = compute_loss(batch)
-                loss.backward()
+                if backward is not None:
+                    backward(loss)
+                else:
+                    loss.backward()
                 return float(loss.detach())
             from looptune.tuners.hook.actuators.microbatch import MicroBatcher
             mb = self.microbatcher = MicroBatcher(self, split_batch_norm=self.config.hook.micro_batch_split_batch_norm)
         # not given up when the hook turns itself off: every DDP rank keeps the same collectives
-        return mb.accumulate(batch, compute_loss)
+        return mb.accumulate(batch, compute_loss, backward)
 
     def _tunes(self, tuner: str) -> bool:
         if isinstance(self.tune, (list, tuple)):
@@ -377,16 +386,28 @@ class Hook:
     def _settling(self) -> list[str]:
         return [k for k, a in self.actuators.items() if a.settling is not None and a.settling()]
 
+    def rank_world(self) -> tuple[int, int]:
+        """This process's (rank, world size): `rank_source` when an adapter set one, else
+        torch.distributed when it is up, else the launcher's RANK / WORLD_SIZE."""
+        source = self.rank_source
+        if source is not None:
+            try:
+                rank, world = source()
+                return int(rank), int(world)
+            except Exception:  # noqa: BLE001 - the framework cannot tell yet: fall back
+                pass
+        return rank_world()
+
     def report(self) -> dict[str, Any]:
         """The report message for the daemon (also what the embedded engine and metrics read)."""
-        self.rank, self.world_size = rank_world()
+        self.rank, self.world_size = self.rank_world()
         return {"type": "report", "pid": os.getpid(), "world_size": self.world_size,
                 "counters": self.meter.figures(), "step_hist": list(self.meter.hist), "knobs": dict(self.knobs),
                 "memory": runinfo.memory_peaks(), "hook_errors": self._errors, "disabled": self.meter.off,
                 "signature": self.signature, "untunable": dict(self.untunable), "settling": self._settling()}
 
     def hello(self) -> dict[str, Any]:
-        self.rank, self.world_size = rank_world()
+        self.rank, self.world_size = self.rank_world()
         return {"type": "hello", "run": self.run, "rank": self.rank, "world_size": self.world_size,
                 "pid": os.getpid(), "tuners": self.tuners, "tune": bool(self.tune)}
 

@@ -283,6 +283,53 @@ class WatchedLoader:
         it._sampler_iter = self._recorder
         self.it = it
 
+    def adopt(self, it: Any) -> Iterator[Any]:
+        """This epoch's iterator over the user's loader, started by a framework before the loader
+        was watched (Lightning calls iter() on its train loader before any callback runs): the
+        epoch goes on in it, watched. A change can still come mid-epoch where nothing has been
+        drawn from its index sampler yet (a single-process iterator that yielded nothing: the
+        RNGs are where its sampler will draw from); otherwise the first change waits for the
+        next epoch. Returns what the framework should iterate for the rest of this epoch."""
+        self.epoch += 1
+        self.delivered = 0
+        self._oneoff = None
+        self._recorder = None
+        self._snap = None
+        self._user_started = True
+        while self._stale:
+            _shutdown(*self._stale.pop())
+        self.it = it
+        fresh = (getattr(it, "_num_yielded", None) == 0 and getattr(it, "_send_idx", 0) == 0
+                 and getattr(it, "_num_workers", 0) == 0 and hasattr(it, "_sampler_iter"))
+        if self.tunable_reason is None and self.active is self.loader and fresh:
+            self._snap = _rng_snapshot(self.loader.generator)
+            self._drew_seed = False          # its base seed is drawn already: the replay starts after it
+            self._pulled_before = 0
+            self._recorder = _Recorder(it._sampler_iter)
+            it._sampler_iter = self._recorder
+        self._meter.restart_step_clock()
+        return self._meter.wrap(self)
+
+    def replace(self, loader: Any) -> None:
+        """Between epochs: the framework built a new loader to iterate from now on (Lightning's
+        reload_dataloaders_every_n_epochs). Later epochs iterate it with the worker setting tuned
+        so far; nothing of the old one's workers is left running."""
+        workers, prefetch = self.active.num_workers, self.active.prefetch_factor
+        _stop_all(self)
+        self.loader = self.active = loader
+        self._oneoff = None
+        self._recorder = None
+        self._snap = None
+        self._user_started = getattr(loader, "_iterator", None) is not None
+        self.tunable_reason = why_not_tunable(loader)
+        if self.tunable_reason is None and (workers != loader.num_workers or
+                                            (workers > 0 and prefetch != loader.prefetch_factor)):
+            import torch
+            running = getattr(loader, "_iterator", None)
+            if running is not None:      # its persistent workers, started by the framework: not what runs now
+                _shutdown(running, loader)
+            self.active = derive(loader, workers, prefetch if workers > 0 else None, generator=torch.Generator())
+
     def __len__(self) -> int:
         return len(self.loader)
 

@@ -46,6 +46,10 @@ def _torch() -> Any:
     return torch
 
 
+def _backward(loss: Any) -> None:
+    loss.backward()
+
+
 def has_batch_statistics(module: Any) -> bool:
     return any("BatchNorm" in type(m).__name__ for m in module.modules())
 
@@ -105,11 +109,13 @@ class MicroBatcher:
 
     # ---- the step ----
 
-    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any]) -> float:
+    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any],
+                   backward: Callable[[Any], None] | None = None) -> float:
+        back = backward if backward is not None else _backward
         n = split.rows(batch)
         if not self.splitting or n <= 1:
             loss = compute_loss(batch)
-            loss.backward()
+            back(loss)
             return float(loss.detach())
         self._steps += 1
         width = split.elements(batch, n) / n or 1.0
@@ -120,7 +126,7 @@ class MicroBatcher:
             self._broadcast_buffers()
         noise = self._steps % NOISE_EVERY == 1 and all(p.grad is None for p in self.params)
         while True:
-            total, failed_at, error = self._attempt(batch, n, width, compute_loss, noise)
+            total, failed_at, error = self._attempt(batch, n, width, compute_loss, noise, back)
             if failed_at is None:
                 break
             self._recover(failed_at, width, wider, error)
@@ -157,7 +163,7 @@ class MicroBatcher:
             self.limit_rows = rows
 
     def _attempt(self, batch: Any, n: int, width: float, compute_loss: Callable[[Any], Any],
-                 noise: bool) -> tuple[Any, int | None, BaseException | None]:
+                 noise: bool, back: Callable[[Any], None] = _backward) -> tuple[Any, int | None, BaseException | None]:
         torch = _torch()
         cuda = torch.cuda
         total: Any = 0.0
@@ -175,10 +181,10 @@ class MicroBatcher:
                 if self.ddp is not None:
                     with self.ddp.no_sync():
                         loss = compute_loss(part)
-                        (loss * (rows / n)).backward()
+                        back(loss * (rows / n))
                 else:
                     loss = compute_loss(part)
-                    (loss * (rows / n)).backward()
+                    back(loss * (rows / n))
                 total = total + loss.detach() * (rows / n)
                 del loss, part
             except torch.cuda.OutOfMemoryError as exc:
