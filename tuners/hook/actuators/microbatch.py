@@ -50,6 +50,15 @@ def has_batch_statistics(module: Any) -> bool:
     return any("BatchNorm" in type(m).__name__ for m in module.modules())
 
 
+def _backward(loss: Any, share: float, backward: Callable[[Any, float], None] | None) -> None:
+    """The micro-batch's loss back-propagated at its share of the batch: by autograd, or by the
+    framework's own backward (`hook.accumulate(..., backward=)`)."""
+    if backward is None:
+        (loss if share == 1.0 else loss * share).backward()
+    else:
+        backward(loss, share)
+
+
 class MicroBatcher:
     def __init__(self, hook: Any, split_batch_norm: bool = False) -> None:
         torch = _torch()
@@ -105,11 +114,12 @@ class MicroBatcher:
 
     # ---- the step ----
 
-    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any]) -> float:
+    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any],
+                   backward: Callable[[Any, float], None] | None = None) -> float:
         n = split.rows(batch)
         if not self.splitting or n <= 1:
             loss = compute_loss(batch)
-            loss.backward()
+            _backward(loss, 1.0, backward)
             return float(loss.detach())
         self._steps += 1
         width = split.elements(batch, n) / n or 1.0
@@ -120,7 +130,7 @@ class MicroBatcher:
             self._broadcast_buffers()
         noise = self._steps % NOISE_EVERY == 1 and all(p.grad is None for p in self.params)
         while True:
-            total, failed_at, error = self._attempt(batch, n, width, compute_loss, noise)
+            total, failed_at, error = self._attempt(batch, n, width, compute_loss, noise, backward)
             if failed_at is None:
                 break
             self._recover(failed_at, width, wider, error)
@@ -157,7 +167,8 @@ class MicroBatcher:
             self.limit_rows = rows
 
     def _attempt(self, batch: Any, n: int, width: float, compute_loss: Callable[[Any], Any],
-                 noise: bool) -> tuple[Any, int | None, BaseException | None]:
+                 noise: bool, backward: Callable[[Any, float], None] | None = None
+                 ) -> tuple[Any, int | None, BaseException | None]:
         torch = _torch()
         cuda = torch.cuda
         total: Any = 0.0
@@ -175,10 +186,10 @@ class MicroBatcher:
                 if self.ddp is not None:
                     with self.ddp.no_sync():
                         loss = compute_loss(part)
-                        (loss * (rows / n)).backward()
+                        _backward(loss, rows / n, backward)
                 else:
                     loss = compute_loss(part)
-                    (loss * (rows / n)).backward()
+                    _backward(loss, rows / n, backward)
                 total = total + loss.detach() * (rows / n)
                 del loss, part
             except torch.cuda.OutOfMemoryError as exc:
