@@ -41,8 +41,12 @@ ADAPTER_FILES = ("looptune/lightning.py", "looptune/transformers.py")
 # The hook side: the user's training process. The hook package (tuners/hook.py today,
 # tuners/hook/ with its actuators/ once split) and the DataLoader actuator (tuners/loader.py,
 # moving to tuners/hook/actuators/).
-HOOK_SIDE = ("looptune.tuners.hook", "looptune.tuners.loader", "looptune.tuners.actuators")
+HOOK_SIDE = ("looptune.tuners.hook", "looptune.tuners.loader", "looptune.tuners.actuators",
+             "looptune.lightning", "looptune.transformers")
 HOOK_FILES = ("tuners/hook.py", "tuners/hook/*", "tuners/loader.py", "tuners/actuators/*")
+# Training frameworks: only their adapters (looptune/lightning.py, looptune/transformers.py) use them.
+FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate")
+ADAPTER_FILES = ("looptune/lightning.py", "looptune/transformers.py")
 # Installed, only `looptune` is ours at the top of site-packages: `daemon` there is python-daemon.
 BARE = ("daemon", "collectors", "tuners")
 OURS = ("looptune.daemon", "looptune.tuners", "looptune.collectors")
@@ -275,6 +279,16 @@ def _names(rel: str, source: str) -> list[str]:
      "looptune/schema.py:1 imports lightning (shared root modules import no package of looptune)"),
     ("tuners/hook/api.py", "import lightning.pytorch\n",
      "tuners/hook/api.py:1 imports lightning.pytorch (hook and actuators: torch only lazily)"),
+    ("daemon/service.py", "def f():\n    import transformers\n",
+     "daemon/service.py:2 imports transformers (daemon imports neither torch nor the hook side)"),
+    ("daemon/status.py", "from looptune.transformers import LooptuneCallback\n",
+     "daemon/status.py:1 imports looptune.transformers.LooptuneCallback (daemon imports neither torch nor the "
+     "hook side)"),
+    ("looptune/schema.py", "import transformers\n",
+     "looptune/schema.py:1 imports transformers (shared root modules import no package of looptune)"),
+    ("looptune/transformers.py", "from looptune.daemon.service import Daemon\n",
+     "looptune/transformers.py:1 imports looptune.daemon.service.Daemon (framework adapters: of the daemon, "
+     "only its config)"),
 ])
 def test_a_forbidden_import_is_reported(rel: str, source: str, expected: str) -> None:
     assert _names(rel, source) == [expected]
@@ -293,6 +307,7 @@ def test_a_forbidden_import_is_reported(rel: str, source: str, expected: str) ->
     ("looptune/lightning.py", "import torch\nimport lightning.pytorch as pl\nfrom looptune.tuners.hook import Hook\n"
      "from looptune.daemon.config import Config\n"),
     ("looptune/transformers.py", "import transformers\nfrom looptune.tuners.hook.actuators.loader import derive\n"),
+    ("looptune/transformers.py", "import torch\nimport transformers\nfrom looptune.tuners.hook import Hook\n"),
 ])
 def test_an_allowed_import_is_not_reported(rel: str, source: str) -> None:
     assert _names(rel, source) == []

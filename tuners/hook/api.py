@@ -78,6 +78,7 @@ class Hook:
         # a framework adapter's view of (rank, world size), e.g. Lightning's trainer.global_rank: right
         # before torch.distributed is initialised too; None: torch.distributed, else RANK / WORLD_SIZE
         self.rank_source: Callable[[], tuple[int, int]] | None = None
+        self._restore: dict[str, Any] = {}       # knob -> a checkpoint's value, set when its actuator comes
         self.tune: bool | list[str] = tune
         self.mode = "embedded"
         self._channel: Channel | None = None
@@ -89,7 +90,7 @@ class Hook:
             if not protocol.NAME_RE.match(self.run):
                 raise ValueError(f"run {self.run!r} must match {protocol.NAME_RE.pattern}")
             self.tuners = list(tune) if isinstance(tune, (list, tuple)) else []
-            self.rank, self.world_size = rank_world()
+            self.rank, self.world_size = self.rank_world()
             if isinstance(tune, (list, tuple)):
                 from looptune.tuners.registry import available
                 unknown = [n for n in tune if n not in available()]
@@ -181,6 +182,8 @@ class Hook:
         self.actuators[knob] = Actuator(get, set, settling, collective)
         self.untunable.pop(knob, None)
         self.knobs[knob] = get()
+        if knob in self._restore:
+            self._restore_knob(knob, self._restore.pop(knob))
 
     def step(self, loss: Any = None) -> None:
         """Call once per optimizer step; applies pending knob changes at this boundary.
@@ -198,6 +201,47 @@ class Hook:
                 self._apply_pending()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this hook (JSON-able): the settled value of every tunable knob;
+        a knob in a trial not yet kept has the value it held before the trial."""
+        knobs: dict[str, Any] = {}
+        for knob, act in self.actuators.items():
+            try:
+                value = self._provisional.get(knob, act.get())
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc)
+                continue
+            if value is None or isinstance(value, (bool, int, float, str)):
+                knobs[knob] = value
+        for knob, value in self._restore.items():      # restored, its actuator not there yet
+            knobs.setdefault(knob, value)
+        return {"version": 1, "run": self.run, "signature": self.signature, "knobs": knobs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Start from a checkpoint's knob values (`state_dict()`): call at a step boundary, on every
+        rank alike; a knob whose actuator comes later (the micro-batch size at the first
+        `accumulate`) is set when it comes. Each change is recorded in `decisions`."""
+        knobs = state.get("knobs") if isinstance(state, dict) else None
+        if not isinstance(knobs, dict):
+            raise ValueError(f"not a looptune hook state: {state!r:.200}")
+        for knob, value in knobs.items():
+            if not isinstance(knob, str) or not protocol.KNOB_RE.match(knob) or value is None:
+                continue
+            if knob in self.actuators:
+                self._restore_knob(knob, value)
+            else:
+                self._restore[knob] = value
+
+    def _restore_knob(self, knob: str, value: Any) -> None:
+        try:
+            if self.actuators[knob].get() == value:
+                return
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+            return
+        self._apply({"id": None, "knob": knob, "value": value, "reason": "restored from a checkpoint",
+                     "tuner": "", "trial": False})
 
     def close(self) -> None:
         """Flush a last report and leave the daemon; safe to call twice."""

@@ -174,6 +174,29 @@ def _rng_restore(snap: dict[str, Any], generator: Any) -> None:
         sys.modules["numpy"].random.set_state(snap["numpy"])
 
 
+def _sampler_epochs(index_sampler: Any) -> list[tuple[Any, int]]:
+    """(sampler, its `epoch`) along the index sampler's chain (`sampler`, `batch_sampler`, nested):
+    a sampler that seeds from its epoch and advances it when it runs out (Accelerate's
+    SeedableRandomSampler) must be replayed at the epoch the running iterator started with."""
+    out: list[tuple[Any, int]] = []
+    todo, seen = [index_sampler], set()
+    while todo and len(seen) < 8:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        epoch = getattr(obj, "epoch", None)
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
+            out.append((obj, epoch))
+        todo += [getattr(obj, name, None) for name in ("sampler", "batch_sampler")]
+    return out
+
+
+def _set_epochs(epochs: list[tuple[Any, int]]) -> None:
+    for obj, epoch in epochs:
+        obj.epoch = epoch
+
+
 def loader_knobs(loader: Any) -> dict[str, Any]:
     return {"num_workers": getattr(loader, "num_workers", None),
             "prefetch_factor": getattr(loader, "prefetch_factor", None),
@@ -235,6 +258,7 @@ class WatchedLoader:
         self.delivered = 0              # batches of this epoch delivered so far
         self.epoch = -1
         self._snap: dict[str, Any] | None = None
+        self._snap_epochs: list[tuple[Any, int]] = []
         self._drew_seed = False
         self._recorder: _Recorder | None = None
         self._pulled_before = 0
@@ -268,6 +292,7 @@ class WatchedLoader:
         active, user = self.active, self.loader
         gen = user.generator
         self._snap = _rng_snapshot(gen)
+        self._snap_epochs = _sampler_epochs(active._index_sampler)
         # the untuned run's iter(): a base seed from the user's generator (or the global RNG), except
         # where persistent workers reuse their iterator (only the first iter() draws one)
         self._drew_seed = not (user.persistent_workers and user.num_workers > 0 and self._user_started)
@@ -437,14 +462,17 @@ class WatchedLoader:
         gen = self.loader.generator
         assert self._snap is not None and self._recorder is not None
         current = _rng_snapshot(gen)
+        current_epochs = _sampler_epochs(loader)
         try:
             _rng_restore(self._snap, gen)
+            _set_epochs(self._snap_epochs)
             if self._drew_seed:
                 import torch
                 torch.empty((), dtype=torch.int64).random_(generator=gen)
             batches = list(iter(loader))
         finally:
             _rng_restore(current, gen)
+            _set_epochs(current_epochs)
         start = self._pulled_before
         pulled = self._recorder.pulled
         if batches[start:start + len(pulled)] != pulled:
