@@ -24,6 +24,8 @@ data for the same number of steps in every run:
 Runs per link and model (--steps steps each, the first --warmup not timed):
 
   none      plain DistributedDataParallel: no looptune at all (the baseline of every ratio)
+  hooked    (only when asked for: --settings) Hook(tune=False) watching the DDP model at none: what
+            the hook itself costs (its comm hook, its reporter thread)
   fp16, bf16, powersgd   Hook(tune=False) watching the DDP model, its grad_compression set before
             the first step and never changed (powersgd at the default powersgd_rank 1); bf16 only
             where the backend can all-reduce it (the hook's probe; otherwise the row says why)
@@ -114,8 +116,8 @@ class ModelSpec:
 
 
 MODELS = {
-    "wire": ModelSpec("wire", "wire-bound", (1024, 4096, 1024), 32, 0.3, 150, 120),
-    "compute": ModelSpec("compute", "compute-bound", (128, 256, 256, 128), 4096, 0.3, 150, 120),
+    "wire": ModelSpec("wire", "wire-bound", (1024, 4096, 1024), 32, 0.3, 120, 120),
+    "compute": ModelSpec("compute", "compute-bound", (128, 256, 256, 128), 4096, 0.3, 100, 100),
 }
 
 
@@ -225,7 +227,7 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                                 timeout=timedelta(seconds=120))
         m = spec.model
         hook = None
-        if spec.setting != "none":
+        if spec.setting != "none":          # hooked: Hook(tune=False) at none, the hook's own cost
             from looptune import Hook
             tuners = {"state_file": os.path.join(spec.tmp, f"best-{rank}.json"), **spec.tuner_config}
             hook = Hook(run=f"bench-{m.key}", socket=os.path.join(spec.tmp, f"nobody-{rank}.sock"),
@@ -238,12 +240,15 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                 ddp = hook.watch(ddp)
                 data = hook.watch(data)
                 out["unusable"] = dict(hook.comm.unusable)
-                if spec.setting != "tuned":
-                    if spec.setting in hook.comm.unusable:
-                        out["skip"] = hook.comm.unusable[spec.setting]
+                if spec.setting not in ("tuned", "hooked"):
+                    setting, _, rank_ = spec.setting.partition("@")      # powersgd@4: at powersgd_rank 4
+                    if setting in hook.comm.unusable:
+                        out["skip"] = hook.comm.unusable[setting]
                         results.put(out)
                         return
-                    hook.comm.set_setting(spec.setting)
+                    hook.comm.set_setting(setting)
+                    if rank_:
+                        hook.comm.set_rank(int(rank_))
             opt = torch.optim.SGD(ddp.parameters(), lr=m.lr, momentum=0.9)
             times, settings, losses = [], [], []
             t0 = time.monotonic()
@@ -266,6 +271,8 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                     out["eval_loss"] = float(torch.nn.functional.mse_loss(ddp.module(xe), ye))
                 if hook is not None:
                     out["final"] = hook.comm.setting
+                    if hook.comm.setting == "powersgd" and hook.comm.get_rank() != 1:
+                        out["final"] += f"@{hook.comm.get_rank()}"
                     eng = hook.engine
                     job = eng.jobs.get(("self",)) if eng is not None else None
                     if job is not None:
@@ -366,22 +373,51 @@ class Figures:
     whole: float | None
     end: float | None
     loss: float | None
+    whole_range: tuple[float, float] | None = None     # per round (ratio to the same round's none), repeats > 1
+    end_range: tuple[float, float] | None = None
 
 
-def figures(r: Result, base: Result | None, m: ModelSpec, warmup: int) -> Figures:
+def _median(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _rates(r: Result, m: ModelSpec, warmup: int) -> tuple[float | None, float | None]:
     n = len(r.times)
-    last, endfirst = n - 1, n - 1 - max(2, n // 4)
-    whole = r.rate(warmup - 1, last, m.batch)
-    end = r.rate(endfirst, last, m.batch)
-    if base is None or not base.ok:
+    return r.rate(warmup - 1, n - 1, m.batch), r.rate(n - 1 - max(2, n // 4), n - 1, m.batch)
+
+
+def figures(rs: list[Result], base: list[Result], m: ModelSpec, warmup: int) -> Figures:
+    """Ratios of the median over the repeats of `rs` to the median of `base` (none's repeats)."""
+    ok, bok = [r for r in rs if r.ok], [b for b in base if b.ok]
+    if not ok or not bok:
         return Figures(None, None, None)
-    bn = len(base.times)
-    return Figures(ratio(whole, base.rate(warmup - 1, bn - 1, m.batch)),
-                   ratio(end, base.rate(bn - 1 - max(2, bn // 4), bn - 1, m.batch)),
-                   ratio(r.eval_loss, base.eval_loss))
+    mine, theirs = [_rates(r, m, warmup) for r in ok], [_rates(b, m, warmup) for b in bok]
+    f = Figures(ratio(_median([w for w, _ in mine]), _median([w for w, _ in theirs])),
+                ratio(_median([e for _, e in mine]), _median([e for _, e in theirs])),
+                ratio(_median([r.eval_loss for r in ok]), _median([b.eval_loss for b in bok])))
+    if len(rs) > 1 and len(rs) == len(base):
+        pairs = [(_rates(r, m, warmup), _rates(b, m, warmup)) for r, b in zip(rs, base) if r.ok and b.ok]
+        ws = [x for x in (ratio(a[0], b[0]) for a, b in pairs) if x is not None]
+        es = [x for x in (ratio(a[1], b[1]) for a, b in pairs) if x is not None]
+        f.whole_range = (min(ws), max(ws)) if ws else None
+        f.end_range = (min(es), max(es)) if es else None
+    return f
 
 
-def goals(results: dict[tuple[str, str, str], Result], args: argparse.Namespace) -> list[tuple[str, bool | None, str]]:
+def ms_per_step(r: Result, warmup: int) -> float | None:
+    n = len(r.times)
+    return (r.times[-1] - r.times[warmup - 1]) / (n - warmup) * 1e3 if r.ok and n > warmup else None
+
+
+def _with_range(x: float | None, rng: tuple[float, float] | None) -> str:
+    return fmt(x) + (f" ({rng[0]:.2f}–{rng[1]:.2f})" if rng is not None else "")
+
+
+Results = dict[tuple[str, str, str], list[Result]]
+
+
+def goals(results: Results, args: argparse.Namespace) -> list[tuple[str, bool | None, str]]:
     out: list[tuple[str, bool | None, str]] = []
     checks = [("1gbit", "wire"), ("loopback", "compute")]
     for link, model in checks:
@@ -389,30 +425,33 @@ def goals(results: dict[tuple[str, str, str], Result], args: argparse.Namespace)
         name = f"{link}, {m.title}"
         if link not in args.link_list or model not in args.model_list:
             continue
-        base, tuned = results.get((link, model, "none")), results.get((link, model, "tuned"))
-        if base is None or tuned is None or not base.ok or not tuned.ok:
-            why = "; ".join(f"{r.setting}: {r.why}" for r in (base, tuned) if r is not None and not r.ok) or "not run"
+        base, tuned = results.get((link, model, "none"), []), results.get((link, model, "tuned"), [])
+        if not any(r.ok for r in base) or not any(r.ok for r in tuned):
+            why = "; ".join(f"{r.setting}: {r.why}" for r in base + tuned if not r.ok) or "not run"
             out.append((name, None, f"could not be checked ({why})"))
             continue
         f = figures(tuned, base, m, args.warmup)
+        finals = " / ".join(r.final for r in tuned if r.ok)
+        trials = " | ".join(trials_of(r) for r in tuned if r.ok)
         if link == "1gbit":
             ok = f.end is not None and f.end >= END_GOAL and f.loss is not None and f.loss <= 1 + LOSS_GOAL
             out.append((f"{name}: tuned samples/s at the end >= {END_GOAL}x none, loss at equal steps within "
-                        f"{LOSS_GOAL:.0%}", ok, f"{fmt(f.end)}x, loss {fmt(f.loss, '.3f')}x; final {tuned.final}; "
-                        f"{trials_of(tuned)}"))
+                        f"{LOSS_GOAL:.0%}", ok, f"{_with_range(f.end, f.end_range)}x, loss {fmt(f.loss, '.3f')}x; "
+                        f"final {finals}; {trials}"))
         else:
             ok = f.whole is not None and f.whole >= KEEP_GOAL
             out.append((f"{name}: tuned samples/s over the whole run >= {KEEP_GOAL:.0%} of none", ok,
-                        f"{fmt(f.whole, '.3f')}x; final {tuned.final}; {trials_of(tuned)}"))
+                        f"{_with_range(f.whole, f.whole_range)}x; final {finals}; {trials}"))
     return out
 
 
-def report(results: dict[tuple[str, str, str], Result], args: argparse.Namespace, load: tuple[float, float],
+def report(results: Results, args: argparse.Namespace, load: tuple[float, float],
            unavailable: dict[str, str]) -> str:
     lines = [f"# compression benchmark: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
              f"gloo, {WORLD} ranks x 1 thread; load average {load[0]:.2f} at the start, {load[1]:.2f} at the end",
              f"steps per run: {', '.join(f'{k} {args.steps_of[k]}' for k in args.model_list)} "
-             f"(first {args.warmup} not timed); "
+             f"(first {args.warmup} not timed); " + (f"{args.repeat} rounds, medians (per-round ratio range); "
+                                                    if args.repeat > 1 else "")
              + ("tuner config: defaults but a fresh state file" if not args.tuner_config else
                 f"tuner config NOT the defaults: {json.dumps(args.tuner_config)}"),
              ""]
@@ -425,26 +464,31 @@ def report(results: dict[tuple[str, str, str], Result], args: argparse.Namespace
             continue
         for mk in args.model_list:
             m = MODELS[mk]
-            base = results.get((link, mk, "none"))
+            base = results.get((link, mk, "none"), [])
             for setting in args.setting_list:
-                r = results.get((link, mk, setting))
-                if r is None:
+                rs = results.get((link, mk, setting), [])
+                if not rs:
                     continue
                 title = f"{m.title} ({m.params / 1e6:.2f} M params, batch {m.batch})"
-                if not r.ok:
-                    lines.append(f"| {link} | {title} | {setting} | - | - | - | - | - | - | {r.why} |")
+                ok = [r for r in rs if r.ok]
+                if not ok:
+                    lines.append(f"| {link} | {title} | {setting} | - | - | - | - | - | - | {rs[0].why} |")
                     continue
-                f = figures(r, base, m, args.warmup)
-                n = len(r.times)
-                ms = (r.times[-1] - r.times[args.warmup - 1]) / (n - args.warmup) * 1e3 if n > args.warmup else None
+                f = figures(rs, base, m, args.warmup)
                 notes = []
                 if setting == "tuned":
-                    notes.append(trials_of(r))
-                    notes.append(path_of(r))
-                if r.comm_mb_per_step is not None:
-                    notes.append(f"{r.comm_mb_per_step:.2f} MB/step sent")
-                lines.append(f"| {link} | {title} | {setting} | {fmt(f.whole)} | {fmt(f.end)} | {fmt(f.loss, '.3f')} | "
-                             f"{fmt(ms, '.0f')} | {r.final} | {r.load[0]:.1f}–{r.load[1]:.1f} | {'; '.join(notes)} |")
+                    notes.append(" \\| ".join(f"{trials_of(r)}; {path_of(r)}" for r in ok))
+                mb = _median([r.comm_mb_per_step for r in ok])
+                if mb is not None:
+                    notes.append(f"{mb:.2f} MB/step sent")
+                if len(ok) < len(rs):
+                    notes.append(f"{len(rs) - len(ok)} round(s) failed: {next(r.why for r in rs if not r.ok)}")
+                loads = [x for r in ok for x in r.load]
+                lines.append(f"| {link} | {title} | {setting} | {_with_range(f.whole, f.whole_range)} | "
+                             f"{_with_range(f.end, f.end_range)} | {fmt(f.loss, '.3f')} | "
+                             f"{fmt(_median([ms_per_step(r, args.warmup) for r in ok]), '.0f')} | "
+                             f"{' / '.join(dict.fromkeys(r.final for r in ok))} | {min(loads):.1f}–{max(loads):.1f} | "
+                             f"{'; '.join(notes)} |")
     lines.append("")
     lines.append("Ratios against `none` (plain DDP, no looptune) of the same link and model in this run; "
                  "loss: held-out MSE after the same number of steps.")
@@ -472,11 +516,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--links", default=None, help=f"comma list of {', '.join(LINKS)} (default all; --quick: "
                    "loopback,1gbit)")
     p.add_argument("--models", default="wire,compute", help="comma list of wire, compute")
-    p.add_argument("--settings", default=None, help="comma list of none, fp16, bf16, powersgd, tuned "
-                   "(default all; --quick: none,fp16,tuned); none is always run: every ratio needs it")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default: wire 150, compute 150; "
-                   "--quick 120 each)")
+    p.add_argument("--settings", default=None, help="comma list of none, hooked, fp16, bf16, powersgd, powersgd@R (at "
+                   "powersgd_rank R), tuned (default none,fp16,bf16,powersgd,tuned; --quick: none,fp16,tuned); "
+                   "none is always run: every ratio needs it")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: wire 120, compute 100; "
+                   "the same with --quick)")
     p.add_argument("--warmup", type=int, default=5, help="first steps not timed (default 5)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of every run (default 1): figures are medians, "
+                   "with the per-round ratio range; on a shared host a few rounds tell a 2%% difference from noise")
     p.add_argument("--tuner-config", default="", help="JSON merged into the tuned run's config section `tuners`")
     p.add_argument("--json", default="", help="also write the raw figures here")
     args = p.parse_args(argv)
@@ -487,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         "none,fp16,bf16,powersgd,tuned")).split(",") if x.strip()]
     args.setting_list = ["none"] + [s for s in settings if s != "none"]
     bad = ([x for x in args.link_list if x not in LINKS] + [x for x in args.model_list if x not in MODELS]
-           + [x for x in args.setting_list if x not in ("none", "fp16", "bf16", "powersgd", "tuned")])
+           + [x for x in args.setting_list if x not in ("none", "hooked", "fp16", "bf16", "powersgd", "tuned")
+              and not (x.startswith("powersgd@") and x[9:].isdigit() and 1 <= int(x[9:]) <= 1024)])
     if bad:
         p.error(f"unknown link(s), model(s) or setting(s): {bad}")
     args.tuner_config = json.loads(args.tuner_config) if args.tuner_config else {}
@@ -497,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load0 = os.getloadavg()[0]
     tmp = tempfile.mkdtemp(prefix="lt-cbench-", dir="/tmp")
-    results: dict[tuple[str, str, str], Result] = {}
+    results: Results = {}
     unavailable: dict[str, str] = {}
     port = 29600
     try:
@@ -511,28 +559,27 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{link}] not run: {exc}", file=sys.stderr, flush=True)
                     continue
             try:
-                for mk in args.model_list:
-                    m = MODELS[mk]
-                    for setting in args.setting_list:
-                        port += 1
-                        spec = Spec(link, m, setting, args.steps_of[mk], args.warmup, bed,
-                                    free_port() if bed is None else port, tempfile.mkdtemp(dir=tmp),
-                                    args.tuner_config)
-                        r = run_once(spec)
-                        results[(link, mk, setting)] = r
-                        f = figures(r, results.get((link, mk, "none")), m, args.warmup)
-                        n = len(r.times)
-                        ms = ((r.times[-1] - r.times[args.warmup - 1]) / (n - args.warmup) * 1e3
-                              if r.ok and n > args.warmup else None)
-                        print(f"[{link} {mk}] {setting}: " + (
-                            f"{fmt(ms, '.0f')} ms/step, whole {fmt(f.whole)}x, end {fmt(f.end)}x, loss "
-                            f"{fmt(r.eval_loss, '.5f')} ({fmt(f.loss, '.3f')}x), final {r.final}, {r.seconds:.0f} s, "
-                            f"load {r.load[0]:.1f}-{r.load[1]:.1f}"
-                            if r.ok else f"not run: {r.why}"), file=sys.stderr, flush=True)
-                        if setting == "tuned" and r.ok:
-                            print(f"    trials: {trials_of(r)}\n    path: {path_of(r)}\n"
-                                  f"    windows (samples/s / comm share / verdict / loss): {windows_text(r)}",
-                                  file=sys.stderr, flush=True)
+                for rnd in range(args.repeat):          # rounds: every setting once, in order, then again
+                    for mk in args.model_list:
+                        m = MODELS[mk]
+                        for setting in args.setting_list:
+                            port += 1
+                            spec = Spec(link, m, setting, args.steps_of[mk], args.warmup, bed,
+                                        free_port() if bed is None else port, tempfile.mkdtemp(dir=tmp),
+                                        args.tuner_config)
+                            r = run_once(spec)
+                            results.setdefault((link, mk, setting), []).append(r)
+                            f = figures([r], results[(link, mk, "none")][-1:], m, args.warmup)
+                            tag = f" round {rnd + 1}" if args.repeat > 1 else ""
+                            print(f"[{link} {mk}{tag}] {setting}: " + (
+                                f"{fmt(ms_per_step(r, args.warmup), '.0f')} ms/step, whole {fmt(f.whole)}x, end "
+                                f"{fmt(f.end)}x, loss {fmt(r.eval_loss, '.5f')} ({fmt(f.loss, '.3f')}x), final "
+                                f"{r.final}, {r.seconds:.0f} s, load {r.load[0]:.1f}-{r.load[1]:.1f}"
+                                if r.ok else f"not run: {r.why}"), file=sys.stderr, flush=True)
+                            if setting == "tuned" and r.ok:
+                                print(f"    trials: {trials_of(r)}\n    path: {path_of(r)}\n"
+                                      f"    windows (samples/s / comm share / verdict / loss): {windows_text(r)}",
+                                      file=sys.stderr, flush=True)
             finally:
                 if bed is not None:
                     bed.close()
@@ -541,10 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()[0]
     print(report(results, args, (load0, load1), unavailable), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{k[0]}/{k[1]}/{k[2]}": vars(v) for k, v in results.items()},
+        Path(args.json).write_text(json.dumps({f"{k[0]}/{k[1]}/{k[2]}": [vars(r) for r in v] for k, v in results.items()},
                                               indent=1, default=str))
     gs = goals(results, args)
-    if unavailable or any(not r.ok and not r.why.startswith("not usable") for r in results.values()) \
+    if unavailable or any(not r.ok and not r.why.startswith("not usable") for rs in results.values() for r in rs) \
             or any(ok is None for _, ok, _ in gs):
         return 2
     return 0 if all(ok for _, ok, _ in gs) else 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from looptune.tuners.bottleneck import Window
 from looptune.tuners.compression import CompressionOptions, CompressionTuner
 from looptune.tuners.engine import Context, Observation, Settings
@@ -62,3 +64,15 @@ def test_powersgd_rolled_back_as_too_slow_is_not_retried() -> None:
     p = t.propose(ctx())
     t.result(p, "rolled_back", -0.1, ctx())
     assert t.propose(ctx()) is None
+
+
+def test_the_settings_to_try_can_be_configured() -> None:
+    # the config checker applies a list's check to each item: 'bf16' was once judged letter by letter,
+    # which refused every value, the shipped config.yaml included
+    from looptune.daemon import config as cfg
+    c = cfg.parse({"tuners": {"compression": {"settings": ["fp16", "bf16"]}}}, "t")
+    assert c.tuners.options["compression"].settings == ["fp16", "bf16"]
+    assert CompressionTuner(c.tuners.options["compression"]).order == ["fp16", "bf16"]
+    with pytest.raises(cfg.ConfigError, match=r"settings\[1\]: 'zz' is not a setting to try; allowed: fp16, bf16, "
+                                               r"powersgd"):
+        cfg.parse({"tuners": {"compression": {"settings": ["fp16", "zz"]}}}, "t")
