@@ -23,9 +23,11 @@ run/rank labels. Thin over the hook; what it does through the Trainer:
   `num_workers` / `prefetch_factor` change at a step boundary, mid-epoch, every sample exactly once
   and in the order of an untuned run. A train loader that is no `DataLoaderShard` (a
   `get_train_dataloader` override returning a plain DataLoader) changes them at epoch boundaries
-  instead (set on the loader before the next epoch's `iter()`); its data wait is then the time from
-  one step's end to the next step's start. A stateful DataLoader (`use_stateful_dataloader`) or an
-  IterableDataset is left alone, with the reason in `untunable`.
+  instead (set on the loader before the next epoch's `iter()`), the order kept; its data wait is
+  then the time from one step's end to the next step's start. A stateful DataLoader
+  (`use_stateful_dataloader`), an IterableDataset, and persistent workers on a plain loader are left
+  alone, with the reason in `untunable`. Samples are counted as the shard fetches them: one batch
+  ahead of the steps in the middle of an epoch.
 - **Batch size.** The global batch stays `per_device_train_batch_size x
   gradient_accumulation_steps x world size` (what the learning rate was tuned for): the callback
   wraps the Trainer's `training_step` so that `hook.accumulate` cuts each per-device batch into
