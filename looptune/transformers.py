@@ -294,8 +294,9 @@ class LooptuneCallback(TrainerCallback, ExportableState):
         # loss_is_scaled_for_ga) is each micro-batch's share already; a per-batch mean is not
         normalised = getattr(trainer, "loss_is_scaled_for_ga", None)
         if normalised is None:
-            normalised = (bool(getattr(trainer, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) \
-                or getattr(trainer, "compute_loss_func", None) is not None
+            accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+            normalised = (accepts and num_items_in_batch is not None) or \
+                getattr(trainer, "compute_loss_func", None) is not None
         compute_loss = trainer.compute_loss
         scale: list[float] = [1.0]
         device: list[Any] = [None]

@@ -303,9 +303,10 @@ def test_micro_batches_on_the_stand_in_gpu_keep_the_global_batch_and_the_paramet
 
     fake = FakeCuda(capacity)
     trainer, tuned = run(fake, [cb, Knob()])
+    diff = max(float((p - q).detach().abs().max()) for p, q in zip(tuned.parameters(), ref.parameters()))
     print(f"\nmicro_batch_size per step {knobs} (largest fit {best}); OOMs {fake.ooms}, recovered "
           f"{cb.hook.meter.oom_recoveries}; forwards' rows {len(tuned.seen)} vs unsplit {len(ref.seen)}; "
-          f"largest parameter difference {max(float((p - q).detach().abs().max()) for p, q in zip(tuned.parameters(), ref.parameters())):.2e}")
+          f"largest parameter difference {diff:.2e}")
     assert trainer.state.global_step == steps                # no restart, no step lost
     assert trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps == 256
     assert cb.hook.meter.oom_recoveries >= 1 and fake.ooms >= 1
@@ -387,8 +388,9 @@ def ddp_main(port: int, steps: int) -> Callable[..., None]:
                         usable = [s for s in SETTINGS if s not in cb.hook.comm.unusable]
                         cb.hook._queue_decision({"id": None, "knob": "grad_compression", "value": rng.choice(usable),
                                                  "reason": "test", "tuner": "test"})
-                    if rank == 0 and state.global_step in (3, 11):
-                        cb.hook._queue_decision({"id": None, "knob": "num_workers", "value": {3: 2, 11: 1}[state.global_step],
+                    workers = {3: 2, 11: 1}.get(state.global_step)
+                    if rank == 0 and workers is not None:
+                        cb.hook._queue_decision({"id": None, "knob": "num_workers", "value": workers,
                                                  "reason": "test", "tuner": "test"})
 
             class Look(TrainerCallback):
