@@ -126,7 +126,8 @@ def run_hf_auto(curve: Any, capacity: int, seed: int, start: int, label: str) ->
     run.restarts = max(0, len(attempts) - 1)
     late = [a for a in failed if a["steps"] > 0]
     if late:
-        run.notes.append("OOM after the first step: " + ", ".join(f"{a['size']} at step {a['steps'] + 1}" for a in late))
+        run.notes.append("OOM after the first step: " +
+                         ", ".join(f"{a['size']} at step {a['steps'] + 1}" for a in late))
         run.brief["attempts out of memory after their first step"] = len(late)
     run.trajectory = [f"{a['size']}:{a['steps'] + (0 if a['done'] else 1)}{'' if a['done'] else '!'}" for a in attempts]
     run.seconds = time.perf_counter() - t0

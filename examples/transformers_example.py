@@ -61,8 +61,8 @@ class EpochRate(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         rate = self.n / (time.perf_counter() - self.t0)
-        print(f"epoch {state.epoch:.0f}: {rate:7.0f} samples/s, num_workers={self.looptune.hook.knobs.get('num_workers')}",
-              flush=True)
+        workers = self.looptune.hook.knobs.get("num_workers")
+        print(f"epoch {state.epoch:.0f}: {rate:7.0f} samples/s, num_workers={workers}", flush=True)
 
 
 def main() -> None:

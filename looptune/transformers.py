@@ -23,9 +23,11 @@ run/rank labels. Thin over the hook; what it does through the Trainer:
   `num_workers` / `prefetch_factor` change at a step boundary, mid-epoch, every sample exactly once
   and in the order of an untuned run. A train loader that is no `DataLoaderShard` (a
   `get_train_dataloader` override returning a plain DataLoader) changes them at epoch boundaries
-  instead (set on the loader before the next epoch's `iter()`); its data wait is then the time from
-  one step's end to the next step's start. A stateful DataLoader (`use_stateful_dataloader`) or an
-  IterableDataset is left alone, with the reason in `untunable`.
+  instead (set on the loader before the next epoch's `iter()`), the order kept; its data wait is
+  then the time from one step's end to the next step's start. A stateful DataLoader
+  (`use_stateful_dataloader`), an IterableDataset, and persistent workers on a plain loader are left
+  alone, with the reason in `untunable`. Samples are counted as the shard fetches them: one batch
+  ahead of the steps in the middle of an epoch.
 - **Batch size.** The global batch stays `per_device_train_batch_size x
   gradient_accumulation_steps x world size` (what the learning rate was tuned for): the callback
   wraps the Trainer's `training_step` so that `hook.accumulate` cuts each per-device batch into
@@ -292,8 +294,9 @@ class LooptuneCallback(TrainerCallback, ExportableState):
         # loss_is_scaled_for_ga) is each micro-batch's share already; a per-batch mean is not
         normalised = getattr(trainer, "loss_is_scaled_for_ga", None)
         if normalised is None:
-            normalised = (bool(getattr(trainer, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) \
-                or getattr(trainer, "compute_loss_func", None) is not None
+            accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+            normalised = (accepts and num_items_in_batch is not None) or \
+                getattr(trainer, "compute_loss_func", None) is not None
         compute_loss = trainer.compute_loss
         scale: list[float] = [1.0]
         device: list[Any] = [None]
