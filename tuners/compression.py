@@ -21,7 +21,7 @@ SETTINGS = ("none", "fp16", "bf16", "powersgd")
 
 def _check_setting(value: str) -> str | None:
     """One entry of the settings list (opt checks list entries one by one)."""
-    return None if value in SETTINGS[1:] else f"is not a setting; allowed: {', '.join(SETTINGS[1:])}"
+    return None if value in SETTINGS[1:] else f"is not a setting to try; allowed: {', '.join(SETTINGS[1:])}"
 
 
 @dataclass
