@@ -33,11 +33,20 @@ PACKAGES = {"looptune": "looptune", "daemon": "looptune.daemon", "collectors": "
             "tuners": "looptune.tuners"}
 
 TORCH = ("torch", "torchvision", "torchaudio", "torchdata")
+# Training frameworks the adapters plug into: user side only, like torch.
+FRAMEWORKS = ("lightning", "pytorch_lightning", "lightning_fabric", "transformers", "accelerate")
+# Framework adapters (`from looptune.lightning import LooptuneCallback`): imported only by a training
+# script that has the framework, so they import it, and torch, at module level.
+ADAPTER_FILES = ("looptune/lightning.py", "looptune/transformers.py")
 # The hook side: the user's training process. The hook package (tuners/hook.py today,
 # tuners/hook/ with its actuators/ once split) and the DataLoader actuator (tuners/loader.py,
 # moving to tuners/hook/actuators/).
-HOOK_SIDE = ("looptune.tuners.hook", "looptune.tuners.loader", "looptune.tuners.actuators")
+HOOK_SIDE = ("looptune.tuners.hook", "looptune.tuners.loader", "looptune.tuners.actuators",
+             "looptune.lightning", "looptune.transformers")
 HOOK_FILES = ("tuners/hook.py", "tuners/hook/*", "tuners/loader.py", "tuners/actuators/*")
+# Training frameworks: only their adapters (looptune/lightning.py, looptune/transformers.py) use them.
+FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate")
+ADAPTER_FILES = ("looptune/lightning.py", "looptune/transformers.py")
 # Installed, only `looptune` is ours at the top of site-packages: `daemon` there is python-daemon.
 BARE = ("daemon", "collectors", "tuners")
 OURS = ("looptune.daemon", "looptune.tuners", "looptune.collectors")
@@ -57,29 +66,36 @@ RULES: tuple[Rule, ...] = (
     # Entry points: `import looptune` loads no torch and no daemon code (Hook is loaded on first
     # use); `python -m looptune` is the CLI.
     Rule("package root imports nothing heavy at import time", ("looptune/__init__.py",),
-         TORCH + OURS, when="module"),
-    Rule("python -m looptune runs the CLI only", ("looptune/__main__.py",), TORCH + BARE),
+         TORCH + FRAMEWORKS + OURS, when="module"),
+    Rule("python -m looptune runs the CLI only", ("looptune/__main__.py",), TORCH + FRAMEWORKS + BARE),
     # Shared modules at the root (protocol, schema, verdicts, promql, report): every side reads
     # them, so they read none of the sides.
-    Rule("shared root modules import no package of looptune", ("looptune/*.py",), TORCH + OURS + BARE,
-         exclude=("looptune/__init__.py", "looptune/__main__.py")),
+    Rule("shared root modules import no package of looptune", ("looptune/*.py",), TORCH + FRAMEWORKS + OURS + BARE,
+         exclude=("looptune/__init__.py", "looptune/__main__.py") + ADAPTER_FILES),
+    # Framework adapters are hook side: the hook and the tuners it runs embedded, the config
+    # dataclasses, torch and their framework; nothing else of the daemon, no collector directly.
+    Rule("framework adapters: of the daemon, only its config", ADAPTER_FILES,
+         ("looptune.daemon", "looptune.collectors") + BARE, allowed=("looptune.daemon.config",)),
     # Collectors sample and expose; they never run torch or a tuner.
     Rule("collectors import neither torch, the tuners nor the daemon", ("collectors/*",),
-         TORCH + ("looptune.tuners", "looptune.daemon") + BARE),
+         TORCH + FRAMEWORKS + ("looptune.tuners", "looptune.daemon") + BARE),
     # The hook is the user side: torch only inside functions (importing the hook must work
     # without torch); it may read the config module (the dataclasses a Hook(config=...) takes,
     # the default socket paths), and run collectors and the engine in-process (embedded mode),
     # but nothing else of the daemon.
-    Rule("hook and actuators: torch only lazily", HOOK_FILES, TORCH, when="module"),
+    Rule("hook and actuators: torch only lazily", HOOK_FILES, TORCH + FRAMEWORKS, when="module"),
     Rule("hook and actuators: of the daemon, only its config", HOOK_FILES, ("looptune.daemon",) + BARE,
          allowed=("looptune.daemon.config",)),
     # Policies: observations in, proposals out. No torch, no daemon, no hook.
     Rule("tuner policies import neither torch, the daemon nor the hook", ("tuners/*",),
-         TORCH + ("looptune.daemon",) + HOOK_SIDE + BARE, exclude=HOOK_FILES),
+         TORCH + FRAMEWORKS + ("looptune.daemon",) + HOOK_SIDE + BARE, exclude=HOOK_FILES),
     # `looptune demo` runs a training loop with the hook next to an in-process daemon: hook side.
-    Rule("the demo is hook side: torch only lazily", ("daemon/demo.py",), TORCH + BARE, when="module"),
-    # The daemon never imports torch, not even lazily, nor the hook side that uses it.
-    Rule("daemon imports neither torch nor the hook side", ("daemon/*",), TORCH + HOOK_SIDE + BARE,
+    Rule("the demo is hook side: torch only lazily", ("daemon/demo.py",), TORCH + FRAMEWORKS + BARE,
+         when="module"),
+    # The daemon never imports torch or a training framework, not even lazily, nor the hook side
+    # (the adapters included) that uses them.
+    Rule("daemon imports neither torch nor the hook side", ("daemon/*",),
+         TORCH + FRAMEWORKS + HOOK_SIDE + ("looptune.lightning", "looptune.transformers") + BARE,
          exclude=("daemon/demo.py",)),
 )
 
@@ -249,6 +265,30 @@ def _names(rel: str, source: str) -> list[str]:
      "time)"),
     ("daemon/cli.py", "from daemon import config\n",
      "daemon/cli.py:1 imports daemon.config (daemon imports neither torch nor the hook side)"),
+    ("daemon/status.py", "def f():\n    import lightning.pytorch\n",
+     "daemon/status.py:2 imports lightning.pytorch (daemon imports neither torch nor the hook side)"),
+    ("daemon/service.py", "def f():\n    from transformers import Trainer\n",
+     "daemon/service.py:2 imports transformers.Trainer (daemon imports neither torch nor the hook side)"),
+    ("daemon/status.py", "from looptune.lightning import LooptuneCallback\n",
+     "daemon/status.py:1 imports looptune.lightning.LooptuneCallback (daemon imports neither torch nor the hook "
+     "side)"),
+    ("looptune/lightning.py", "def f():\n    from looptune.daemon.service import Daemon\n",
+     "looptune/lightning.py:2 imports looptune.daemon.service.Daemon (framework adapters: of the daemon, only its "
+     "config)"),
+    ("looptune/schema.py", "import lightning\n",
+     "looptune/schema.py:1 imports lightning (shared root modules import no package of looptune)"),
+    ("tuners/hook/api.py", "import lightning.pytorch\n",
+     "tuners/hook/api.py:1 imports lightning.pytorch (hook and actuators: torch only lazily)"),
+    ("daemon/service.py", "def f():\n    import transformers\n",
+     "daemon/service.py:2 imports transformers (daemon imports neither torch nor the hook side)"),
+    ("daemon/status.py", "from looptune.transformers import LooptuneCallback\n",
+     "daemon/status.py:1 imports looptune.transformers.LooptuneCallback (daemon imports neither torch nor the "
+     "hook side)"),
+    ("looptune/schema.py", "import transformers\n",
+     "looptune/schema.py:1 imports transformers (shared root modules import no package of looptune)"),
+    ("looptune/transformers.py", "from looptune.daemon.service import Daemon\n",
+     "looptune/transformers.py:1 imports looptune.daemon.service.Daemon (framework adapters: of the daemon, "
+     "only its config)"),
 ])
 def test_a_forbidden_import_is_reported(rel: str, source: str, expected: str) -> None:
     assert _names(rel, source) == [expected]
@@ -264,6 +304,10 @@ def test_a_forbidden_import_is_reported(rel: str, source: str, expected: str) ->
     ("collectors/hookjobs.py", "from looptune.protocol import STEP_BUCKETS\nfrom looptune.schema import FIGURES\n"),
     ("daemon/service.py", "from looptune.tuners import engine\nfrom looptune.collectors.gpu import GpuCollector\n"),
     ("looptune/__init__.py", "def __getattr__(name):\n    from looptune.tuners.hook import Hook\n"),
+    ("looptune/lightning.py", "import torch\nimport lightning.pytorch as pl\nfrom looptune.tuners.hook import Hook\n"
+     "from looptune.daemon.config import Config\n"),
+    ("looptune/transformers.py", "import transformers\nfrom looptune.tuners.hook.actuators.loader import derive\n"),
+    ("looptune/transformers.py", "import torch\nimport transformers\nfrom looptune.tuners.hook import Hook\n"),
 ])
 def test_an_allowed_import_is_not_reported(rel: str, source: str) -> None:
     assert _names(rel, source) == []

@@ -20,7 +20,7 @@ SETTINGS = ("none", "fp16", "bf16", "powersgd")
 
 
 def _check_setting(value: str) -> str | None:
-    """One item of `settings` (the config checker applies a list's check to each of its items)."""
+    """One entry of the settings list (opt checks list entries one by one)."""
     return None if value in SETTINGS[1:] else f"is not a setting to try; allowed: {', '.join(SETTINGS[1:])}"
 
 

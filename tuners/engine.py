@@ -218,7 +218,9 @@ class RegressionGuard:
 
 class LossGuard:
     """A non-finite loss rolls back at once; so does a loss clearly above the trend it had before
-    the change (3 robust deviations of that trend and 5% of the loss, over 2 or more windows)."""
+    the change (3 robust deviations of that trend and 5% of the loss, over 2 or more windows).
+    A falling trend is not extrapolated: a loss curve flattens, and its straight line would soon
+    lie below any loss; a falling loss is held to its last level before the change instead."""
     name = "loss"
 
     def check(self, trial: Trial, obs: Observation, window: Window, settings: Settings) -> str | None:
@@ -234,8 +236,11 @@ class LossGuard:
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, before)) / sxx
         resid = [y - (my + slope * (x - mx)) for x, y in zip(xs, before)]
         spread = 1.4826 * statistics.median(abs(r) for r in resid)
-        # the trend continued over the trial's windows, not extrapolated past them
-        excess = statistics.median(y - (my + slope * (n + i - mx)) for i, y in enumerate(after))
+        if slope < 0:
+            level = statistics.median(before[-3:])
+            excess = statistics.median(y - level for y in after)
+        else:     # a rising trend continued over the trial's windows, not extrapolated past them
+            excess = statistics.median(y - (my + slope * (n + i - mx)) for i, y in enumerate(after))
         if excess > max(3 * spread, 0.05 * abs(my)):
             return f"loss {statistics.median(after):.4g} is above its trend before the change ({my:.4g})"
         return None

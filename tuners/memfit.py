@@ -4,14 +4,15 @@ Pure Python (the hook feeds it numbers read from torch.cuda). Size is counted in
 the split tensors, not rows, so a batch padded to a longer sample counts as bigger. The extra
 memory of a micro-batch is its peak allocation minus what stays allocated after it (parameters,
 gradients, optimizer state): activations and workspaces. Real curves are not straight: the
-prediction uses the line through the two largest sizes that ran (the local slope, which sees a
-curve bending up), never extrapolates past 4x the largest that ran, keeps a margin, and stays
-below any size that ran out of memory.
+prediction goes on from the largest size that ran with the smaller of the last two local slopes
+(a curve bending up shows in them; a one-off step, a kernel's bigger workspace, does not become
+a slope), never extrapolates past 2x the largest that ran, keeps a margin, stays below any size
+that ran out of memory, and after such an error creeps up 5% at a time.
 """
 from __future__ import annotations
 
-MARGIN = 0.04          # of the room: the caching allocator's rounding and fragmentation
-GROWTH = 4.0           # at most this many times the largest size that ran
+MARGIN = 0.03          # of the room: the caching allocator's rounding and fragmentation
+GROWTH = 2.0           # at most this many times the largest size that ran
 HEADROOM = 0.10        # below a size that ran out of memory after it had fit (a bigger input)
 SETTLE = 0.025         # between a size that ran and one that failed: stop when the next is this close
 CREEP = 0.05           # after an out-of-memory error: grow by this much at a time
@@ -46,16 +47,14 @@ class MemoryFit:
         before any micro-batch ran."""
         if not self.points:
             return None
-        pts = sorted(self.points.items())
+        pts = sorted(self.points.items())[-3:]
         e2, v2 = pts[-1]
-        k, c = v2 / e2, 0.0                   # through the origin: conservative when the curve has an intercept
-        if len(pts) >= 2:
-            e1, v1 = pts[-2]
-            slope = (v2 - v1) / (e2 - e1)
-            if slope > 0:
-                k, c = slope, v2 - slope * e2
+        # the smaller of the last two local slopes, from the largest size that ran: a step (a kernel
+        # taking a bigger workspace) between two sizes is counted once, not extrapolated as a slope
+        slopes = [(vb - va) / (eb - ea) for (ea, va), (eb, vb) in zip(pts, pts[1:]) if vb > va]
+        k = min(slopes) if slopes else v2 / e2
         budget = room * (1 - MARGIN)
-        size = (budget - c) / k if k > 0 else GROWTH * e2
+        size = e2 + (budget - v2) / k if k > 0 else GROWTH * e2
         size = min(size, GROWTH * e2)
         if self.failed is not None and size >= self.failed:
             ok = self.largest_ok

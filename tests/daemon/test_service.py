@@ -174,7 +174,8 @@ NO_TORCH_SCRIPT = textwrap.dedent("""
         time.sleep(1.0)
     finally:
         d.shutdown()
-    bad = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+    heavy = ("torch", "transformers", "accelerate", "lightning", "pytorch_lightning")   # nor a training framework
+    bad = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
     print("TORCH MODULES:", bad[:10])
     print("IMPORTED:", sorted(m for m in sys.modules if m.startswith("looptune.")))
     sys.exit(1 if bad else 0)

@@ -62,6 +62,7 @@ def run(tmp_path: Any, seconds_per_micro_batch: Any, seconds: float = 30.0) -> H
                 time.sleep(seconds_per_micro_batch(x.shape[0]))
                 return self.lin(self.mem(x))
         cfg = {"tuners": {"state_file": str(tmp_path / "best.json"), "window_seconds": 0.5, "enabled": ["batch_size"],
+                          "baseline_windows": 5, "measure_windows": 5,
                           "cooldown_windows": 1},
                "hook": {"report_interval_seconds": 0.5}}
         hook = Hook(run="bs-tuner", tune=["batch_size"], socket=str(tmp_path / "none.sock"), config=cfg)

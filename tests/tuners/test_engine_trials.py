@@ -161,6 +161,19 @@ def test_a_loss_above_its_trend_rolls_back(jump: float, outcome: str) -> None:
         assert "loss" in last["detail"] and "trend" in last["detail"]
 
 
+def test_a_loss_that_stops_falling_does_not_roll_back_a_good_trial() -> None:
+    # a loss that reaches its plateau as the trial starts: its straight line before the change
+    # lies below the plateau (the Lightning example once lost 2 workers to "loss 1.074 is above
+    # its trend before the change (1.159)"); a falling loss is held to its last level instead
+    def loss(report: int, n: int) -> float:
+        return 3.0 - 0.3 * min(report, 5)
+
+    engine, job = make_job([ScriptTuner([4])], settings=Settings(baseline_windows=5), loss=loss,
+                           curve=rates({0: 100.0, 4: 200.0}))
+    run_trial(job)
+    assert engine.jobs[KEY].history[-1]["outcome"] == "kept", engine.jobs[KEY].history[-1]
+
+
 # ---- noise ----
 
 CYCLE = (0.9, 1.0, 1.1)       # a deterministic jitter: median 1, median absolute deviation 0.1

@@ -275,6 +275,28 @@ class PyRandomSampler(Sampler):
             yield pool[i]
 
 
+class EpochSeeded(Sampler):
+    """Seeds a private generator from its seed and epoch when an iteration starts, and advances its
+    epoch when it runs out (Accelerate's SeedableRandomSampler): workers that prefetch to the end of
+    the epoch have advanced it before a change mid-epoch replays the order."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.generator = torch.Generator()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        self.generator.manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(self.n, generator=self.generator).tolist()
+        self.epoch += 1
+
+
+def epoch_seeded() -> DataLoader:
+    return DataLoader(Indices(N), batch_size=4, sampler=EpochSeeded(N, 9), num_workers=2)
+
+
 def no_autocollation() -> DataLoader:
     return DataLoader(Indices(N), batch_size=None, shuffle=True, generator=torch.Generator().manual_seed(5))
 
@@ -313,6 +335,10 @@ VARIANTS: dict[str, tuple[Callable[[], DataLoader], Changes, int]] = {
                                                                    (2, 0): [("num_workers", 1)]}, 0),
     "sampler on python random": (python_random_sampler, {(0, 3): [("num_workers", 2)],
                                                          (1, 6): [("num_workers", 0)]}, 0),
+    # 2 workers x prefetch 2 ask for every index batch of the 10 by the 7th: the sampler advanced its epoch
+    "sampler seeded by its epoch, run out by prefetching": (epoch_seeded, {(0, 8): [("num_workers", 0)],
+                                                                          (1, 2): [("num_workers", 2)],
+                                                                          (2, 8): [("num_workers", 1)]}, 0),
 }
 
 

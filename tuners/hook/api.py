@@ -75,6 +75,10 @@ class Hook:
         self.microbatcher: Any = None    # actuators.microbatch.MicroBatcher, made at the first accumulate()
         self.comm: Any = None            # actuators.ddp.Dispatch of a watched DDP model
         self._sync = RankSync()
+        # a framework adapter's view of (rank, world size), e.g. Lightning's trainer.global_rank: right
+        # before torch.distributed is initialised too; None: torch.distributed, else RANK / WORLD_SIZE
+        self.rank_source: Callable[[], tuple[int, int]] | None = None
+        self._restore: dict[str, Any] = {}       # knob -> a checkpoint's value, set when its actuator comes
         self.tune: bool | list[str] = tune
         self.mode = "embedded"
         self._channel: Channel | None = None
@@ -86,7 +90,7 @@ class Hook:
             if not protocol.NAME_RE.match(self.run):
                 raise ValueError(f"run {self.run!r} must match {protocol.NAME_RE.pattern}")
             self.tuners = list(tune) if isinstance(tune, (list, tuple)) else []
-            self.rank, self.world_size = rank_world()
+            self.rank, self.world_size = self.rank_world()
             if isinstance(tune, (list, tuple)):
                 from looptune.tuners.registry import available
                 unknown = [n for n in tune if n not in available()]
@@ -135,7 +139,8 @@ class Hook:
             self._failed(exc)
             return obj
 
-    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any]) -> float:
+    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any],
+                   backward: Callable[[Any], None] | None = None) -> float:
         """Forward and backward of one batch (the batch per optimizer step) in micro-batches that fit
         the device; returns the batch's mean loss as a float.
 
@@ -143,17 +148,22 @@ class Hook:
         scaled by its share of the batch, so the gradient is the unsplit batch's. An out-of-memory
         error is recovered in the step (the batch done again in smaller micro-batches). With the
         batch_size tuner off (or the hook disabled before the first call) the batch is not split.
+        `backward(loss)` back-propagates one (scaled) micro-batch loss where a framework has its own
+        way (mixed-precision loss scaling, its backward hooks); default `loss.backward()`.
         """
         mb = self.microbatcher
         if mb is None:
             if self._off or not self._tunes("batch_size"):
                 loss = compute_loss(batch)
-                loss.backward()
+                if backward is not None:
+                    backward(loss)
+                else:
+                    loss.backward()
                 return float(loss.detach())
             from looptune.tuners.hook.actuators.microbatch import MicroBatcher
             mb = self.microbatcher = MicroBatcher(self, split_batch_norm=self.config.hook.micro_batch_split_batch_norm)
         # not given up when the hook turns itself off: every DDP rank keeps the same collectives
-        return mb.accumulate(batch, compute_loss)
+        return mb.accumulate(batch, compute_loss, backward)
 
     def _tunes(self, tuner: str) -> bool:
         if isinstance(self.tune, (list, tuple)):
@@ -172,6 +182,8 @@ class Hook:
         self.actuators[knob] = Actuator(get, set, settling, collective)
         self.untunable.pop(knob, None)
         self.knobs[knob] = get()
+        if knob in self._restore:
+            self._restore_knob(knob, self._restore.pop(knob))
 
     def step(self, loss: Any = None) -> None:
         """Call once per optimizer step; applies pending knob changes at this boundary.
@@ -189,6 +201,47 @@ class Hook:
                 self._apply_pending()
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this hook (JSON-able): the settled value of every tunable knob;
+        a knob in a trial not yet kept has the value it held before the trial."""
+        knobs: dict[str, Any] = {}
+        for knob, act in self.actuators.items():
+            try:
+                value = self._provisional.get(knob, act.get())
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc)
+                continue
+            if value is None or isinstance(value, (bool, int, float, str)):
+                knobs[knob] = value
+        for knob, value in self._restore.items():      # restored, its actuator not there yet
+            knobs.setdefault(knob, value)
+        return {"version": 1, "run": self.run, "signature": self.signature, "knobs": knobs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Start from a checkpoint's knob values (`state_dict()`): call at a step boundary, on every
+        rank alike; a knob whose actuator comes later (the micro-batch size at the first
+        `accumulate`) is set when it comes. Each change is recorded in `decisions`."""
+        knobs = state.get("knobs") if isinstance(state, dict) else None
+        if not isinstance(knobs, dict):
+            raise ValueError(f"not a looptune hook state: {state!r:.200}")
+        for knob, value in knobs.items():
+            if not isinstance(knob, str) or not protocol.KNOB_RE.match(knob) or value is None:
+                continue
+            if knob in self.actuators:
+                self._restore_knob(knob, value)
+            else:
+                self._restore[knob] = value
+
+    def _restore_knob(self, knob: str, value: Any) -> None:
+        try:
+            if self.actuators[knob].get() == value:
+                return
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+            return
+        self._apply({"id": None, "knob": knob, "value": value, "reason": "restored from a checkpoint",
+                     "tuner": "", "trial": False})
 
     def close(self) -> None:
         """Flush a last report and leave the daemon; safe to call twice."""
@@ -377,16 +430,28 @@ class Hook:
     def _settling(self) -> list[str]:
         return [k for k, a in self.actuators.items() if a.settling is not None and a.settling()]
 
+    def rank_world(self) -> tuple[int, int]:
+        """This process's (rank, world size): `rank_source` when an adapter set one, else
+        torch.distributed when it is up, else the launcher's RANK / WORLD_SIZE."""
+        source = self.rank_source
+        if source is not None:
+            try:
+                rank, world = source()
+                return int(rank), int(world)
+            except Exception:  # noqa: BLE001 - the framework cannot tell yet: fall back
+                pass
+        return rank_world()
+
     def report(self) -> dict[str, Any]:
         """The report message for the daemon (also what the embedded engine and metrics read)."""
-        self.rank, self.world_size = rank_world()
+        self.rank, self.world_size = self.rank_world()
         return {"type": "report", "pid": os.getpid(), "world_size": self.world_size,
                 "counters": self.meter.figures(), "step_hist": list(self.meter.hist), "knobs": dict(self.knobs),
                 "memory": runinfo.memory_peaks(), "hook_errors": self._errors, "disabled": self.meter.off,
                 "signature": self.signature, "untunable": dict(self.untunable), "settling": self._settling()}
 
     def hello(self) -> dict[str, Any]:
-        self.rank, self.world_size = rank_world()
+        self.rank, self.world_size = self.rank_world()
         return {"type": "hello", "run": self.run, "rank": self.rank, "world_size": self.world_size,
                 "pid": os.getpid(), "tuners": self.tuners, "tune": bool(self.tune)}
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from looptune import protocol
 from looptune.tuners.hook import runinfo
-from looptune.tuners.hook.ranks import rank_world
 
 log = logging.getLogger("looptune.hook")
 
@@ -208,7 +207,7 @@ class Channel:
     def _tick(self) -> None:
         h = self.hook
         if self.sock is not None:
-            rank, world = rank_world()
+            rank, world = h.rank_world()
             if self.identity is not None and (rank, world) != self.identity[1:]:
                 self._drop()     # torch.distributed came up after Hook(): say hello again as the right rank
         if self.sock is None:

@@ -174,6 +174,29 @@ def _rng_restore(snap: dict[str, Any], generator: Any) -> None:
         sys.modules["numpy"].random.set_state(snap["numpy"])
 
 
+def _sampler_epochs(index_sampler: Any) -> list[tuple[Any, int]]:
+    """(sampler, its `epoch`) along the index sampler's chain (`sampler`, `batch_sampler`, nested):
+    a sampler that seeds from its epoch and advances it when it runs out (Accelerate's
+    SeedableRandomSampler) must be replayed at the epoch the running iterator started with."""
+    out: list[tuple[Any, int]] = []
+    todo, seen = [index_sampler], set()
+    while todo and len(seen) < 8:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        epoch = getattr(obj, "epoch", None)
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
+            out.append((obj, epoch))
+        todo += [getattr(obj, name, None) for name in ("sampler", "batch_sampler")]
+    return out
+
+
+def _set_epochs(epochs: list[tuple[Any, int]]) -> None:
+    for obj, epoch in epochs:
+        obj.epoch = epoch
+
+
 def loader_knobs(loader: Any) -> dict[str, Any]:
     return {"num_workers": getattr(loader, "num_workers", None),
             "prefetch_factor": getattr(loader, "prefetch_factor", None),
@@ -235,6 +258,7 @@ class WatchedLoader:
         self.delivered = 0              # batches of this epoch delivered so far
         self.epoch = -1
         self._snap: dict[str, Any] | None = None
+        self._snap_epochs: list[tuple[Any, int]] = []
         self._drew_seed = False
         self._recorder: _Recorder | None = None
         self._pulled_before = 0
@@ -268,6 +292,7 @@ class WatchedLoader:
         active, user = self.active, self.loader
         gen = user.generator
         self._snap = _rng_snapshot(gen)
+        self._snap_epochs = _sampler_epochs(active._index_sampler)
         # the untuned run's iter(): a base seed from the user's generator (or the global RNG), except
         # where persistent workers reuse their iterator (only the first iter() draws one)
         self._drew_seed = not (user.persistent_workers and user.num_workers > 0 and self._user_started)
@@ -282,6 +307,53 @@ class WatchedLoader:
         self._recorder = _Recorder(it._sampler_iter)
         it._sampler_iter = self._recorder
         self.it = it
+
+    def adopt(self, it: Any) -> Iterator[Any]:
+        """This epoch's iterator over the user's loader, started by a framework before the loader
+        was watched (Lightning calls iter() on its train loader before any callback runs): the
+        epoch goes on in it, watched. A change can still come mid-epoch where nothing has been
+        drawn from its index sampler yet (a single-process iterator that yielded nothing: the
+        RNGs are where its sampler will draw from); otherwise the first change waits for the
+        next epoch. Returns what the framework should iterate for the rest of this epoch."""
+        self.epoch += 1
+        self.delivered = 0
+        self._oneoff = None
+        self._recorder = None
+        self._snap = None
+        self._user_started = True
+        while self._stale:
+            _shutdown(*self._stale.pop())
+        self.it = it
+        fresh = (getattr(it, "_num_yielded", None) == 0 and getattr(it, "_send_idx", 0) == 0
+                 and getattr(it, "_num_workers", 0) == 0 and hasattr(it, "_sampler_iter"))
+        if self.tunable_reason is None and self.active is self.loader and fresh:
+            self._snap = _rng_snapshot(self.loader.generator)
+            self._drew_seed = False          # its base seed is drawn already: the replay starts after it
+            self._pulled_before = 0
+            self._recorder = _Recorder(it._sampler_iter)
+            it._sampler_iter = self._recorder
+        self._meter.restart_step_clock()
+        return self._meter.wrap(self)
+
+    def replace(self, loader: Any) -> None:
+        """Between epochs: the framework built a new loader to iterate from now on (Lightning's
+        reload_dataloaders_every_n_epochs). Later epochs iterate it with the worker setting tuned
+        so far; nothing of the old one's workers is left running."""
+        workers, prefetch = self.active.num_workers, self.active.prefetch_factor
+        _stop_all(self)
+        self.loader = self.active = loader
+        self._oneoff = None
+        self._recorder = None
+        self._snap = None
+        self._user_started = getattr(loader, "_iterator", None) is not None
+        self.tunable_reason = why_not_tunable(loader)
+        if self.tunable_reason is None and (workers != loader.num_workers or
+                                            (workers > 0 and prefetch != loader.prefetch_factor)):
+            import torch
+            running = getattr(loader, "_iterator", None)
+            if running is not None:      # its persistent workers, started by the framework: not what runs now
+                _shutdown(running, loader)
+            self.active = derive(loader, workers, prefetch if workers > 0 else None, generator=torch.Generator())
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -390,14 +462,17 @@ class WatchedLoader:
         gen = self.loader.generator
         assert self._snap is not None and self._recorder is not None
         current = _rng_snapshot(gen)
+        current_epochs = _sampler_epochs(loader)
         try:
             _rng_restore(self._snap, gen)
+            _set_epochs(self._snap_epochs)
             if self._drew_seed:
                 import torch
                 torch.empty((), dtype=torch.int64).random_(generator=gen)
             batches = list(iter(loader))
         finally:
             _rng_restore(current, gen)
+            _set_epochs(current_epochs)
         start = self._pulled_before
         pulled = self._recorder.pulled
         if batches[start:start + len(pulled)] != pulled:

@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable
 
 from looptune.tuners.hook.actuators import split
-from looptune.tuners.memfit import MemoryFit
+from looptune.tuners.memfit import SETTLE, MemoryFit
 
 log = logging.getLogger("looptune.hook")
 
@@ -44,6 +44,10 @@ NOISE_EMA = 0.2
 def _torch() -> Any:
     import torch
     return torch
+
+
+def _backward(loss: Any) -> None:
+    loss.backward()
 
 
 def has_batch_statistics(module: Any) -> bool:
@@ -105,11 +109,13 @@ class MicroBatcher:
 
     # ---- the step ----
 
-    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any]) -> float:
+    def accumulate(self, batch: Any, compute_loss: Callable[[Any], Any],
+                   backward: Callable[[Any], None] | None = None) -> float:
+        back = backward if backward is not None else _backward
         n = split.rows(batch)
         if not self.splitting or n <= 1:
             loss = compute_loss(batch)
-            loss.backward()
+            back(loss)
             return float(loss.detach())
         self._steps += 1
         width = split.elements(batch, n) / n or 1.0
@@ -120,7 +126,7 @@ class MicroBatcher:
             self._broadcast_buffers()
         noise = self._steps % NOISE_EVERY == 1 and all(p.grad is None for p in self.params)
         while True:
-            total, failed_at, error = self._attempt(batch, n, width, compute_loss, noise)
+            total, failed_at, error = self._attempt(batch, n, width, compute_loss, noise, back)
             if failed_at is None:
                 break
             self._recover(failed_at, width, wider, error)
@@ -149,15 +155,15 @@ class MicroBatcher:
 
     def _update_knob(self) -> None:
         """The knob: rows of the widest input seen that fit now. It moves only on a real change
-        (5%), so the allocator's jitter is not mistaken for a setting changed by the job."""
+        (2%), so the allocator's jitter is not mistaken for a setting changed by the job."""
         if not self.fitted:
             return
         rows = min(self._rows_that_fit(self.max_rows, self.widest), self.user_cap or self.max_rows, self.max_rows)
-        if rows < self.limit_rows or rows > self.limit_rows * 1.05 or not self.limit_rows:
+        if rows < self.limit_rows or rows > self.limit_rows * 1.02 or not self.limit_rows:
             self.limit_rows = rows
 
     def _attempt(self, batch: Any, n: int, width: float, compute_loss: Callable[[Any], Any],
-                 noise: bool) -> tuple[Any, int | None, BaseException | None]:
+                 noise: bool, back: Callable[[Any], None] = _backward) -> tuple[Any, int | None, BaseException | None]:
         torch = _torch()
         cuda = torch.cuda
         total: Any = 0.0
@@ -175,10 +181,10 @@ class MicroBatcher:
                 if self.ddp is not None:
                     with self.ddp.no_sync():
                         loss = compute_loss(part)
-                        (loss * (rows / n)).backward()
+                        back(loss * (rows / n))
                 else:
                     loss = compute_loss(part)
-                    (loss * (rows / n)).backward()
+                    back(loss * (rows / n))
                 total = total + loss.detach() * (rows / n)
                 del loss, part
             except torch.cuda.OutOfMemoryError as exc:
@@ -190,10 +196,11 @@ class MicroBatcher:
             if noise and mb == 0:
                 self._noise_small_at(rows / n, rows)
             if not self.fitted:
-                self.limit_rows = rows
+                # the largest that ran in this batch (not a leftover remainder)
+                self.limit_rows = rows if mb == 0 else max(self.limit_rows, rows)
                 predicted = self._rows_that_fit(n, width)
-                if rows == n or rows >= 0.97 * predicted:
-                    self.fitted = True        # it ran at the size it predicted: the fit holds
+                if rows == n or predicted <= rows * (1 + SETTLE):
+                    self.fitted = True        # it ran at the size it predicts: nothing left worth a probe
             done += rows
         return total, None, None
 
@@ -215,6 +222,7 @@ class MicroBatcher:
                         "done again in smaller micro-batches", max(1, int(size / width)), kind)
         if self.fitted:
             self.limit_rows = max(1, min(self.limit_rows, int(self._rows_that_fit(self.max_rows, self.widest))))
+            self.fitted = False     # probe back up (verified, 5% at a time) to 10% below the failure
 
     # ---- DDP: buffers and gradients, once per batch ----
 

@@ -7,10 +7,13 @@ part the approximation missed is kept and added back next step. Vectors and matr
 gain (r (n + m) >= n m) go uncompressed, in one all-reduce. Q is warm-started from the last step.
 
 Written here rather than taken from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook:
-that one fails under gloo on this project's machines (an EnforceNotMet size mismatch), and its
-state compresses only from `start_powerSGD_iter` (1000 by default), so a short trial would measure
-plain all-reduce. This one compresses from the first step after a switch; `reset()` forgets
-errors and Q, so every switch starts clean on every rank.
+its state compresses only from `start_powerSGD_iter` (1000 by default, at least 2 with error
+feedback), counted from the hook's registration, so a trial switched on later would have to
+rebuild the state to measure compression at all; the issue's author saw it fail under gloo (an
+EnforceNotMet size mismatch), which torch 2.13 on CPU did not reproduce here (two gloo ranks, a
+two-layer MLP, 5 steps, /tmp check on 2026-12-01). This one compresses from the first step after
+a switch, counts the bytes it sends, and also runs on hook.accumulate's own flat buckets;
+`reset()` forgets errors and Q, so every switch starts clean on every rank.
 """
 from __future__ import annotations
 
