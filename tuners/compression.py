@@ -4,9 +4,13 @@ bottleneck, and kept only where it pays.
 It proposes only on a `communication` verdict (the share of step time a rank waits on gradient
 all-reduce after backward). The cheap settings first: bf16, else fp16 (a cast for the wire), then
 PowerSGD at the job's powersgd_rank. Each is a trial the engine measures: kept when samples/s
-gains by the engine's bar with the loss healthy (a non-finite loss or one clearly above its trend
-rolls back at once). A PowerSGD trial the loss guard rolls back is tried once more at a higher
-rank (less compression) before the tuner stops. A setting the job cannot use (bf16 on a backend
+gains by the engine's bar with the loss healthy: a non-finite loss or one clearly above its trend
+rolls back at once, and so does a loss that falls per step less than half as fast as before the
+change (ProgressGuard: compression changes the gradients, so samples/s alone cannot judge it).
+PowerSGD waits until the job has run `powersgd_after_steps` steps: early training is where a
+low-rank gradient costs the most learning per step (torch's own PowerSGD state runs plain
+all-reduce for its first 1,000 iterations for that reason). A PowerSGD trial the loss guards roll
+back is tried once more at a higher rank (less compression) before the tuner stops. A setting the job cannot use (bf16 on a backend
 without it) fails its trial with the reason, and the next one is tried.
 """
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from looptune.options import opt
-from looptune.tuners.engine import Context, Proposal, TunerBase
+from looptune.tuners.engine import Context, ProgressGuard, Proposal, TunerBase
 
 SETTINGS = ("none", "fp16", "bf16", "powersgd")
 
@@ -34,6 +38,8 @@ class CompressionOptions:
                           lo=0, hi=1024)
     min_comm_share: float = opt(0.15, "Communication share of step time below which no trial starts.",
                                 lo=0, hi=1)
+    powersgd_after_steps: int = opt(1000, "Steps the job runs before PowerSGD is tried: early training "
+                                          "loses the most to a low-rank gradient.", lo=0, hi=10**9)
 
 
 class CompressionTuner(TunerBase):
@@ -41,12 +47,14 @@ class CompressionTuner(TunerBase):
     name = "compression"
     knob = "grad_compression"
     Options = CompressionOptions
+    guards = (ProgressGuard(),)
 
     def __init__(self, options: CompressionOptions | None = None) -> None:
         o = options or CompressionOptions()
         self.order = list(o.settings)
         self.retry_rank = int(o.retry_rank)
         self.min_share = float(o.min_comm_share)
+        self.powersgd_after = int(o.powersgd_after_steps)
         self.tried: set[str] = set()
         self.retry_pending = False       # PowerSGD failed its loss: raise the rank, then try it again
         self.retried = False
@@ -74,6 +82,8 @@ class CompressionTuner(TunerBase):
                 continue         # one 16-bit cast kept: the other halves the same bytes
             if cur == "powersgd":
                 return None
+            if setting == "powersgd" and ctx.obs.counters.get("steps", 0) < self.powersgd_after:
+                return None      # later: the cheaper casts were tried first, this one waits its turn
             return Proposal(self.knob, setting, f"{why}: try {setting}")
         return None
 

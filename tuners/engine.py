@@ -169,6 +169,8 @@ class Trial:
     measured: list[float] = field(default_factory=list)
     losses_before: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    loss_steps_before: list[float] = field(default_factory=list)   # the job's step count at each loss
+    loss_steps: list[float] = field(default_factory=list)
     nonfinite_at_start: float = 0.0
     below: int = 0
     steady: list[float] = field(default_factory=list)   # every window at the old setting: its jitter
@@ -189,6 +191,7 @@ class JobState:
     # settled windows relative to the median of their own stretch at one setting, across settings
     jitter: deque = field(default_factory=lambda: deque(maxlen=JITTER_WINDOWS))
     losses: list[float] = field(default_factory=list)   # loss per window at the current setting
+    loss_steps: list[float] = field(default_factory=list)   # the step count at each of those losses
     trial: Trial | None = None
     cooldown: int = 0
     verdict: str = "none"
@@ -244,6 +247,55 @@ class LossGuard:
         if excess > max(3 * spread, 0.05 * abs(my)):
             return f"loss {statistics.median(after):.4g} is above its trend before the change ({my:.4g})"
         return None
+
+
+class ProgressGuard:
+    """For a knob that changes the arithmetic of training (gradient compression), not only its
+    speed: the loss must keep falling per step about as it did before the change. LossGuard holds
+    a falling loss only to its last level, so a change that slows learning while the loss still
+    falls passes it, and the loss at an equal number of steps pays for the samples/s.
+
+    The loss's slope per step over the last windows before (the most recent PROGRESS_WINDOWS: a
+    curve flattens, its recent slope is the one to continue) and over the trial's windows; rolled
+    back when the loss was clearly falling (its fall over those windows above 3 of its robust
+    deviations) and the trial's slope keeps less than KEEP of it, by 3 standard errors of the two
+    slopes. A trial's few windows cannot tell a slope that keeps 80% from a flattening curve, so
+    the bar is half, not equal: it catches a setting that all but stops learning (PowerSGD at a
+    low rank early in training), not a small cost. A flat loss is LossGuard's to watch."""
+    name = "progress"
+    KEEP = 0.5
+    PROGRESS_WINDOWS = 6
+
+    def check(self, trial: Trial, obs: Observation, window: Window, settings: Settings) -> str | None:
+        xb = trial.loss_steps_before[-self.PROGRESS_WINDOWS:]
+        yb = trial.losses_before[-self.PROGRESS_WINDOWS:]
+        before, after = _line(xb, yb), _line(trial.loss_steps, trial.losses)
+        if before is None or after is None:
+            return None
+        (b1, se1, spread), (b2, se2, _) = before, after
+        if b1 >= 0 or -b1 * (xb[-1] - xb[0]) <= 3 * spread:
+            return None
+        shortfall = b2 - self.KEEP * b1           # > 0: the loss falls less than KEEP as fast per step
+        if shortfall > 3 * math.hypot(se2, self.KEEP * se1):
+            return (f"the loss falls {-b2:.3g} per step, {-b1:.3g} before the change: "
+                    f"less than {self.KEEP:.0%} of its progress per step")
+        return None
+
+
+def _line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float] | None:
+    """Least-squares slope of y over x, its standard error and the residuals' robust spread
+    (None for fewer than 3 points or no spread of x). The error takes the larger of the fit's
+    residual spread and 1% of the mean (3 residuals of a line can agree by chance)."""
+    if len(x) < 3 or len(x) != len(y):
+        return None
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxx = sum((v - mx) ** 2 for v in x)
+    if sxx <= 0:
+        return None
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    resid = [b - (my + slope * (a - mx)) for a, b in zip(x, y)]
+    spread = max(1.4826 * statistics.median(abs(r) for r in resid), 0.01 * abs(my))
+    return slope, spread / math.sqrt(sxx), spread
 
 
 ENGINE_GUARDS: tuple[Guard, ...] = (RegressionGuard(), LossGuard())
@@ -372,6 +424,7 @@ class Engine:
         job.jitter.extend(residuals(job.steady))
         job.steady = []
         job.losses = []
+        job.loss_steps = []
         if cooldown:
             job.cooldown = self.settings.cooldown_windows
         if obs is not None:
@@ -387,11 +440,13 @@ class Engine:
             job.steady.append(w.samples_per_second)
             if w.loss is not None:
                 job.losses.append(w.loss)
+                job.loss_steps.append(obs.counters.get("steps", 0))
             keep = max(s.baseline_windows, s.measure_windows, STEADY_WINDOWS)
             if len(job.steady) > keep:      # a window that leaves the stretch joins the long run
                 job.jitter.extend(residuals(job.steady)[:-keep])
             del job.steady[:-keep]
             del job.losses[:-keep]
+            del job.loss_steps[:-keep]
             if len(job.steady) >= s.baseline_windows:
                 self._maybe_start(key, job, obs, w)
             return
@@ -420,6 +475,7 @@ class Engine:
         t.measured.append(value)
         if w.loss is not None:
             t.losses.append(w.loss)
+            t.loss_steps.append(obs.counters.get("steps", 0))
         for guard in (*ENGINE_GUARDS, *t.tuner.guards):
             reason = guard.check(t, obs, w, s)
             if reason:
@@ -454,6 +510,7 @@ class Engine:
             job.jitter.extend(residuals(job.steady))        # the stretch at the old setting ends
             job.steady = list(t.measured)
             job.losses = list(t.losses)
+            job.loss_steps = list(t.loss_steps)
         elif t.proposal.keep_if == "gain":
             self._rollback(key, job, f"{gain:+.1%} samples/s is below the {bar:.0%} bar", gain)
         else:
@@ -468,6 +525,7 @@ class Engine:
             t.measured.pop(0)
             if t.losses:
                 t.losses.pop(0)
+                t.loss_steps.pop(0)
             t.settled += 1
 
     def _maybe_start(self, key: Any, job: JobState, obs: Observation, w: Window) -> None:
@@ -490,7 +548,7 @@ class Engine:
             trial = Trial(tuner, p, obs.knobs.get(p.knob), list(job.steady[-self.settings.baseline_windows:]),
                           next(self._ids), started=self._clock(), steady=list(job.steady),
                           jitter=long_run_jitter(history),
-                          losses_before=list(job.losses),
+                          losses_before=list(job.losses), loss_steps_before=list(job.loss_steps),
                           nonfinite_at_start=obs.counters.get("loss_nonfinite", 0))
             # trial: the hook rolls it back itself should it lose this engine before the outcome
             decision = {"id": trial.id, "knob": p.knob, "value": p.value, "reason": p.reason, "tuner": tuner.name,

@@ -12,8 +12,8 @@ from looptune.tuners.engine import Context, Observation, Settings
 
 
 def ctx(setting: Any = "none", verdict: str = "communication", share: float = 0.5, rank: int = 1,
-        untunable: dict[str, str] | None = None) -> Context:
-    obs = Observation(time=0.0, counters={}, knobs={"grad_compression": setting, "powersgd_rank": rank},
+        untunable: dict[str, str] | None = None, steps: int = 5000) -> Context:
+    obs = Observation(time=0.0, counters={"steps": steps}, knobs={"grad_compression": setting, "powersgd_rank": rank},
                       untunable=untunable or {})
     w = Window(seconds=1.0, samples_per_second=100.0, data_wait_share=0.0, step_seconds_mean=0.1, comm_share=share)
     return Context("r", obs, w, [w], verdict, Settings())
@@ -39,6 +39,20 @@ def test_cheap_settings_first_and_one_cast_at_most() -> None:
     assert p.value == "powersgd"                           # not bf16: fp16 already halves the bytes
     t.result(p, "kept", 0.2, ctx("powersgd"))
     assert t.propose(ctx("powersgd")) is None              # the most compressed one holds
+
+
+def test_powersgd_waits_for_the_steps_of_early_training() -> None:
+    t = CompressionTuner(CompressionOptions(powersgd_after_steps=1000))
+    p = t.propose(ctx(steps=10))
+    t.result(p, "kept", 0.5, ctx("bf16", steps=10))
+    assert t.propose(ctx("bf16", steps=999)) is None       # fp16 pointless beside bf16; PowerSGD waits
+    assert t.propose(ctx("bf16", steps=1000)).value == "powersgd"
+    t = CompressionTuner(CompressionOptions(settings=["powersgd"], powersgd_after_steps=0))
+    assert t.propose(ctx(steps=0)).value == "powersgd"
+
+
+def test_its_trials_are_judged_by_the_loss_per_step_too() -> None:
+    assert any(g.name == "progress" for g in CompressionTuner().guards)
 
 
 def test_powersgd_failed_by_its_loss_is_retried_once_at_a_higher_rank() -> None:

@@ -12,8 +12,8 @@ from typing import Any, Callable
 import pytest
 
 from test_engine import KEY, RUN, Clock, FakeJob, ScriptTuner, rates
-from looptune.tuners.engine import (JITTER_MIN, Engine, Observation, Phase, Settings, long_run_jitter, noise_bar,
-                                    residuals)
+from looptune.tuners.engine import (JITTER_MIN, Engine, Observation, Phase, ProgressGuard, Settings, long_run_jitter,
+                                    noise_bar, residuals)
 from looptune.tuners.memory import BestSettings
 
 
@@ -172,6 +172,43 @@ def test_a_loss_that_stops_falling_does_not_roll_back_a_good_trial() -> None:
                            curve=rates({0: 100.0, 4: 200.0}))
     run_trial(job)
     assert engine.jobs[KEY].history[-1]["outcome"] == "kept", engine.jobs[KEY].history[-1]
+
+
+@pytest.mark.parametrize("keeps, guarded, outcome", [(0.1, True, "rolled_back"), (0.8, True, "kept"),
+                                                     (0.1, False, "kept")])
+def test_a_change_that_slows_the_loss_per_step_rolls_back_where_the_tuner_asks(keeps: float, guarded: bool,
+                                                                                outcome: str) -> None:
+    # the loss falls per step; at 4 workers it falls only `keeps` as fast per step, while still
+    # below its last level (what LossGuard watches): gradient compression that slows learning
+    state = {"loss": 3.0, "steps": 0.0}
+
+    def loss(report: int, n: int) -> float:
+        steps = job.counters["steps"]
+        state["loss"] -= 0.03 * (steps - state["steps"]) * (keeps if n == 4 else 1.0)
+        state["steps"] = steps
+        return state["loss"]
+
+    tuner = ScriptTuner([4])
+    if guarded:
+        tuner.guards = (ProgressGuard(),)
+    engine, job = make_job([tuner], settings=Settings(baseline_windows=6), loss=loss,
+                           curve=rates({0: 100.0, 4: 200.0}))
+    run_trial(job)
+    last = engine.jobs[KEY].history[-1]
+    assert last["outcome"] == outcome, last
+    if outcome == "rolled_back":
+        assert "per step" in last["detail"], last
+    else:
+        assert last["gain"] == pytest.approx(1.0)
+
+
+def test_the_progress_guard_leaves_a_flat_loss_to_the_loss_guard() -> None:
+    tuner = ScriptTuner([4])
+    tuner.guards = (ProgressGuard(),)
+    engine, job = make_job([tuner], settings=Settings(baseline_windows=6), loss=lambda r, n: 1.0 + 0.001 * (r % 3),
+                           curve=rates({0: 100.0, 4: 200.0}))
+    run_trial(job)
+    assert engine.jobs[KEY].history[-1]["outcome"] == "kept"
 
 
 # ---- noise ----
