@@ -304,10 +304,12 @@ def job_dashboard() -> dict[str, Any]:
 
         row("Gradient communication (DDP)"),
         timeseries("Communication share", "Share of step time each rank waited on gradient all-reduce after "
-                   "backward (communication not hidden behind compute). From "
-                   f"{verdicts.COMM_SHARE:.0%} the engine judges the job communication-bound and the "
-                   "compression tuner may try a setting.",
-                   [target(q.comm_share(sel), "rank {{rank}}")], unit="percentunit", lo=0, hi=1, w=8),
+                   "backward (communication not hidden behind compute), and its wire part: the wait every "
+                   "rank shared (the rest waited on a slower rank). From "
+                   f"{verdicts.COMM_SHARE:.0%} wire share the engine judges the job communication-bound and "
+                   "the compression tuner may try a setting.",
+                   [target(q.comm_share(sel), "rank {{rank}}"), target(q.comm_wire_share(sel), "rank {{rank}} wire")],
+                   unit="percentunit", lo=0, hi=1, w=8),
         timeseries("Gradient bytes per step", "Bytes each rank put on the wire for gradient all-reduce per "
                    "optimizer step, under the current grad_compression setting.",
                    [target(q.comm_bytes_per_step(sel), "rank {{rank}}")], unit="bytes", w=8),

@@ -32,6 +32,13 @@ def comm_share(sel: str, rate: str = RATE_INTERVAL) -> str:
             f"rate(looptune_job_step_seconds_sum{{{sel}}}[{rate}])")
 
 
+def comm_wire_share(sel: str, rate: str = RATE_INTERVAL) -> str:
+    """Of that, the share every rank waited (the smallest rank's wait): the wire's part, not a wait
+    on a slower rank (DDP jobs whose hook tunes; the engine's communication verdict reads this)."""
+    return (f"rate(looptune_job_comm_wire_seconds_total{{{sel}}}[{rate}]) / ignoring(le) "
+            f"rate(looptune_job_step_seconds_sum{{{sel}}}[{rate}])")
+
+
 def comm_bytes_per_step(sel: str, rate: str = RATE_INTERVAL) -> str:
     """Bytes each rank put on the wire for gradients per optimizer step (DDP jobs)."""
     return (f"rate(looptune_job_comm_bytes_total{{{sel}}}[{rate}]) / "

@@ -45,6 +45,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("comm_seconds", COUNTER, "seconds", "Seconds the step waited for gradient all-reduce after "
            "backward finished (DDP jobs; communication not hidden behind compute).", optional=True,
            metric="looptune_job_comm_wait_seconds"),
+    Figure("comm_wire_seconds", COUNTER, "seconds", "Of comm_seconds, the part every rank waited: the smallest "
+           "rank's wait, summed between rank syncs (DDP jobs the hook tunes). The rest waited on a slower rank, "
+           "which compression cannot shorten.", optional=True, metric="looptune_job_comm_wire_seconds"),
     Figure("comm_bytes", COUNTER, "bytes", "Bytes this rank put on the wire for gradient all-reduce (DDP jobs, "
            "under the current grad_compression setting).", integer=True, optional=True,
            metric="looptune_job_comm_bytes"),

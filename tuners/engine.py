@@ -704,8 +704,11 @@ def _window(a: Observation, b: Observation) -> Window | None:
     if dt <= 0 or dsteps <= 0 or dstep <= 0:
         return None
     comm = None
-    if cb.get("comm_seconds") is not None and ca.get("comm_seconds") is not None:
-        comm = min(1.0, max(0.0, (cb["comm_seconds"] - ca["comm_seconds"]) / dstep))
+    # the wire's part where the ranks measured it (a wait on a slower rank is no communication)
+    wire = cb.get("comm_wire_seconds") is not None and ca.get("comm_wire_seconds") is not None
+    key = "comm_wire_seconds" if wire else "comm_seconds"
+    if cb.get(key) is not None and ca.get(key) is not None:
+        comm = min(1.0, max(0.0, (cb[key] - ca[key]) / dstep))
     return Window(seconds=dt, samples_per_second=(cb["samples"] - ca["samples"]) / dt,
                   data_wait_share=min(1.0, max(0.0, (cb["data_wait_seconds"] - ca["data_wait_seconds"]) / dstep)),
                   step_seconds_mean=dstep / dsteps, cpu_cores_used=b.cpu_cores_used,

@@ -86,3 +86,76 @@ def test_ddp_all_reduce_is_timed_and_the_gradients_are_unchanged() -> None:
         assert 0 < c["comm_seconds"] < c["step_seconds"]
         assert "loss" in c and c["loss"] > 0
         assert res["comm_share"] >= 0.3 and res["verdict"] == "communication", (res["comm_share"], res["verdict"])
+
+
+# ---- the wire's part: a wait on a slower rank is no communication ----
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(7)
+    return torch.nn.Linear(64, 64)        # gradients of 16 KB: the wire takes no time
+
+
+def wire_rank_main(rank: int, store: str, tmp: str, results: Any, straggle: bool) -> None:
+    try:
+        import time
+
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from looptune import Hook
+        from looptune.tuners.bottleneck import verdict
+        from looptune.tuners.engine import Observation, _window
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                                timeout=timedelta(seconds=60))
+        # tuning on (rank sync every 2 steps), no tuner enabled: figures only, no change
+        hook = Hook(run="ddp-wire", socket=os.path.join(tmp, f"nobody-{rank}.sock"),
+                    config={"hook": {"sync_every_steps": 2},
+                            "tuners": {"enabled": [], "state_file": os.path.join(tmp, f"best-{rank}.json")}})
+        try:
+            ddp = hook.watch(DDP(small_model() if straggle else model()))
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+            g = torch.Generator().manual_seed(100 + rank)
+            reports = []
+            for step in range(24):
+                x = torch.randn(2, 64 if straggle else 256, generator=g)
+                loss = ddp(x).pow(2).mean()
+                if straggle and rank == 1:
+                    time.sleep(0.03)      # a slower rank: rank 0 waits for it inside all-reduce
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                hook.step(loss=loss.detach())
+                if step in (3, 23):
+                    reports.append(hook.report())
+            a, b = (Observation(time=float(i), counters=r["counters"], knobs={}) for i, r in enumerate(reports))
+            c0, c1 = a.counters, b.counters
+            dstep = c1["step_seconds"] - c0["step_seconds"]
+            w = _window(a, b)
+            result = {"rank": rank, "errors": hook.errors, "own": (c1["comm_seconds"] - c0["comm_seconds"]) / dstep,
+                      "wire": w.comm_share, "wire_seconds": c1.get("comm_wire_seconds"), "verdict": verdict(w)}
+        finally:
+            hook.close()
+        dist.destroy_process_group()
+        results.put(result)
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        results.put({"rank": rank, "error": traceback.format_exc()})
+
+
+def test_a_wait_on_a_slower_rank_is_not_communication() -> None:
+    got = run_ranks(lambda *a: wire_rank_main(*a, straggle=True), WORLD, TIMEOUT, prefix="lt-wire-")
+    fast, slow = got[0], got[1]
+    assert fast["errors"] == 0 and slow["errors"] == 0
+    assert fast["own"] >= 0.5, fast            # rank 0 spends most of its step waiting in all-reduce ...
+    assert slow["own"] < 0.2, slow             # ... for rank 1, which arrives last and barely waits
+    assert fast["wire_seconds"] == slow["wire_seconds"]       # one figure, agreed by every rank
+    for r in (fast, slow):
+        assert r["wire"] < 0.2 and r["verdict"] != "communication", r
+
+
+def test_a_job_waiting_on_the_wire_keeps_its_communication_verdict() -> None:
+    got = run_ranks(lambda *a: wire_rank_main(*a, straggle=False), WORLD, TIMEOUT, prefix="lt-wire-")
+    for r in got.values():
+        assert r["errors"] == 0
+        assert r["wire"] >= 0.3 and r["verdict"] == "communication", r
+        assert r["wire"] <= r["own"] + 1e-9, r

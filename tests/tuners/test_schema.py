@@ -86,11 +86,15 @@ def test_the_engine_window_has_the_communication_share_and_the_loss() -> None:
     assert w is not None and w.comm_share == pytest.approx(0.4) and w.loss == 1.25
     c = Observation(time=2.0, counters={k: v for k, v in b.counters.items() if k != "comm_seconds"}, knobs={})
     assert _window(a, c).comm_share is None
+    # where the ranks agreed on the wire's part, that is the share (the rest waited on a slower rank)
+    wa = Observation(time=0.0, counters={**a.counters, "comm_wire_seconds": 0.0}, knobs={})
+    wb = Observation(time=2.0, counters={**b.counters, "comm_wire_seconds": 0.1}, knobs={})
+    assert _window(wa, wb).comm_share == pytest.approx(0.05)
 
 
 def test_the_exporter_exports_every_declared_metric() -> None:
     registry = CollectorRegistry(auto_describe=False)
-    full = HookView("r", "0", 1, 1, counters=report(comm_seconds=0.5, comm_bytes=8192, loss=0.25, loss_nonfinite=1, oom_recoveries=2,
+    full = HookView("r", "0", 1, 1, counters=report(comm_seconds=0.5, comm_wire_seconds=0.25, comm_bytes=8192, loss=0.25, loss_nonfinite=1, oom_recoveries=2,
                                                   device_memory_peak_bytes=2**30,
                                                   gradient_noise_scale=300.0)["counters"],
                     step_hist=[0] * NB)

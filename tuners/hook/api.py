@@ -310,6 +310,7 @@ class Hook:
 
     def _sync_decisions(self) -> None:
         try:
+            self._sync.wire(self.meter)
             got = self._sync.exchange(self.rank, self._take_pending)
             if not got:
                 return

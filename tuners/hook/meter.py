@@ -61,6 +61,7 @@ class Meter:
         self.step_seconds = 0.0
         self.comm_seconds: float | None = None   # set by the DDP actuator once it times all-reduce
         self.comm_bytes: int | None = None       # set by the DDP actuator: bytes all-reduced
+        self.comm_wire_seconds: float | None = None   # set by rank sync: the ranks' smallest comm wait
         self.oom_recoveries: int | None = None   # set by hook.accumulate once it splits batches
         self.device_peak_bytes: int | None = None
         self.gradient_noise_scale: float | None = None
@@ -114,7 +115,8 @@ class Meter:
         out: dict[str, float | None] = {
             "samples": self.samples, "batches": self.batches, "steps": self.steps,
             "data_wait_seconds": self.data_wait, "step_seconds": self.step_seconds,
-            "comm_seconds": self.comm_seconds, "comm_bytes": self.comm_bytes, "loss": loss,
+            "comm_seconds": self.comm_seconds, "comm_wire_seconds": self.comm_wire_seconds,
+            "comm_bytes": self.comm_bytes, "loss": loss,
             "loss_nonfinite": self.loss_nonfinite if self._loss_seen else None,
             "oom_recoveries": self.oom_recoveries, "device_memory_peak_bytes": self.device_peak_bytes,
             "gradient_noise_scale": self.gradient_noise_scale,

@@ -31,6 +31,7 @@ class RankSync:
     def __init__(self) -> None:
         self.every = 0          # 0: no sync (single process, or tuning off)
         self.steps = 0
+        self._comm_mark = 0.0   # this rank's comm_seconds at the last sync
 
     def decide(self, every: int) -> None:
         if not self.every and distributed():
@@ -47,6 +48,21 @@ class RankSync:
         payload: list[Any] = [take() if rank == 0 else None]
         dist.broadcast_object_list(payload, src=0)
         return payload[0] or []
+
+    def wire(self, meter: Any) -> None:
+        """The ranks' smallest comm wait since the last sync, added to meter.comm_wire_seconds (one
+        all-reduce, on every rank alike: a rank without DDP timing takes part with 0). A rank that
+        finished backward first waits for the slowest one inside all-reduce; the slowest waits only
+        for the wire. So the smallest wait is the wire's part, and compression can shorten only that."""
+        import torch
+        import torch.distributed as dist
+        total = meter.comm_seconds
+        delta = 0.0 if total is None else max(0.0, total - self._comm_mark)
+        self._comm_mark = total or 0.0
+        t = torch.tensor([delta], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        if total is not None:
+            meter.comm_wire_seconds = (meter.comm_wire_seconds or 0.0) + float(t.item())
 
     def agree(self, values: list[Any]) -> bool:
         """True when every rank holds the same `values` as rank 0 (one broadcast, one all-reduce)."""
