@@ -34,6 +34,17 @@ Runs per link and model (--steps steps each, the first --warmup not timed):
   tuned     Hook(tune=["compression"]) from none, no daemon (rank 0 runs the engine in-process),
             the default config but for a fresh state file (no remembered setting) and what
             --tuner-config sets (reported); hook.step(loss=...) so the engine's loss guard works.
+  paired    none and tuned in the same two processes, in turns of 5 steps: a plain DDP model and a
+            DDP model watched by a tuned hook (the same model, seeds and batches; each trains its
+            own copy), so both meet the same moments of a shared host. Separate runs of a
+            compute-bound model on loopback differ by 10-30% from run to run on a shared 2-core VM
+            (the two ranks contend with everything else), which hides a 2% cost; turns of 5 steps
+            do not. The hook's step clock restarts at each of its turns, so its windows' shares
+            (data wait, communication) are its model's own; its samples/s per window is about half
+            (the plain model's turns are wall time too), which the engine compares only with itself.
+            Figures: plain seconds over tuned seconds of the turns after the warm-up, and the
+            tuned model's held-out loss over the plain one's. By default run for the compute-bound
+            model only, where it is the do-no-harm check.
 
 Figures, each a ratio against `none` of the same link and model measured in this run of the script
 (with --repeat N: N rounds of every run in turn, medians, and the range of the per-round ratios):
@@ -52,13 +63,14 @@ The tuned runs also print their engine's windows: samples/s, communication share
 Goals (the issue's done-when):
   - 1gbit, wire-bound: the tuned run's samples/s end >= 1.5 x none's, and its loss at equal steps
     no more than 2% above none's (a lower loss passes);
-  - loopback, compute-bound: the tuned run's samples/s whole >= 0.98 x none's.
+  - loopback, compute-bound: the tuned run's samples/s whole >= 0.98 x none's (from the paired run
+    where it was run, else from the separate tuned and none runs).
 
 The header gives the host's 1-minute load average at the start and at the end, each row its range
 over the run (the two ranks alone make ~2): the machine may be shared, and every figure moves with it.
 
     python benchmarks/compression.py                 # 3 links x 2 models x 5 runs, 7-11 minutes on 2 cores
-    python benchmarks/compression.py --quick         # the goals' two cases, none, fp16 and tuned: ~2 minutes
+    python benchmarks/compression.py --quick         # the goals' two cases, none, fp16, tuned (+ paired): ~3 minutes
     python benchmarks/compression.py --links 1gbit --models wire --steps 200
     python benchmarks/compression.py --links loopback --models compute --settings none,hooked,tuned --repeat 6
     python benchmarks/compression.py --tuner-config '{"window_seconds": 0.5}'   # NOT the defaults: reported
@@ -210,6 +222,8 @@ class Result:
     comm_mb_per_step: float | None = None
     load: tuple[float, float] = (0.0, 0.0)                    # 1-minute load average at the start and the end
     cpu_ms: float | None = None                               # rank 0: process CPU per timed step
+    pairs: list[tuple[float, float]] = field(default_factory=list)   # paired: (plain, tuned) seconds per block
+    plain_eval_loss: float | None = None                      # paired: the plain model's held-out loss
 
     def rate(self, first: int, last: int, batch: int) -> float | None:
         """Samples/s (both ranks) over steps first..last (indices into times)."""
@@ -217,6 +231,49 @@ class Result:
             return None
         dt = self.times[last] - self.times[first]
         return (last - first) * batch * WORLD / dt if dt > 0 else None
+
+
+BLOCK = 5      # paired: steps per block
+
+
+def paired_steps(spec: Spec, rank: int, hook: Any, data: Any, out: dict[str, Any]) -> None:
+    """`paired`: a plain DDP model and a DDP model watched by a tuned hook, the same model, seeds and
+    batches, in turns of BLOCK steps in these same two processes, so both see the same moments of
+    a shared host. The hook's step clock restarts at each of its blocks: the plain model's steps are
+    not its step time (its windows' shares are its own; its samples/s per window is about half)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    m = spec.model
+    plain = DDP(make_model(m))
+    tuned = hook.watch(DDP(make_model(m)))
+    opts = [torch.optim.SGD(x.parameters(), lr=m.lr, momentum=0.9) for x in (plain, tuned)]
+    src, watched = iter(data), iter(hook.watch(data))
+    times, settings, losses, pairs = [], [], [], []
+    for _ in range(spec.steps // BLOCK):
+        spent = []
+        for which, model, opt, it in ((0, plain, opts[0], src), (1, tuned, opts[1], watched)):
+            if which:
+                hook.meter.restart_step_clock()
+            t = time.perf_counter()
+            for _ in range(BLOCK):
+                x, y = next(it)
+                if which:
+                    settings.append(hook.comm.setting)
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if which:
+                    hook.step(loss=loss.detach())
+                    times.append(time.perf_counter())
+                    losses.append(float(loss.detach()))
+            spent.append(time.perf_counter() - t)
+        pairs.append((spent[0], spent[1]))
+    out.update(times=times, settings=settings, losses=losses, pairs=pairs)
+    if rank == 0:
+        xe, ye = eval_set(m)
+        with torch.no_grad():
+            out["eval_loss"] = float(torch.nn.functional.mse_loss(tuned.module(xe), ye))
+            out["plain_eval_loss"] = float(torch.nn.functional.mse_loss(plain.module(xe), ye))
 
 
 def rank_main(rank: int, spec: Spec, results: Any) -> None:
@@ -236,16 +293,22 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
         # the batches first: making them is this benchmark's own set-up, which a job's loader does not
         # do before its first step (the hook's first window would count it)
         data: Any = Batches(m, rank, spec.steps)
+        paired = spec.setting == "paired"
         hook = None
         if spec.setting != "none":          # hooked: Hook(tune=False) at none, the hook's own cost
             from looptune import Hook
             tuners = {"state_file": os.path.join(spec.tmp, f"best-{rank}.json"), **spec.tuner_config}
             hook = Hook(run=f"bench-{m.key}", socket=os.path.join(spec.tmp, f"nobody-{rank}.sock"),
-                        tune=["compression"] if spec.setting == "tuned" else False, config={"tuners": tuners})
+                        tune=["compression"] if spec.setting in ("tuned", "paired") else False,
+                        config={"tuners": tuners})
         out: dict[str, Any] = {"rank": rank}
         try:
-            ddp = DDP(make_model(m))
-            if hook is not None:
+            if paired:
+                t0 = time.monotonic()
+                paired_steps(spec, rank, hook, data, out)
+                out["seconds"] = time.monotonic() - t0
+            ddp = DDP(make_model(m)) if not paired else hook.module
+            if hook is not None and not paired:
                 ddp = hook.watch(ddp)
                 data = hook.watch(data)
                 out["unusable"] = dict(hook.comm.unusable)
@@ -261,7 +324,7 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
             opt = torch.optim.SGD(ddp.parameters(), lr=m.lr, momentum=0.9)
             times, settings, losses = [], [], []
             t0 = time.monotonic()
-            for x, y in data:
+            for x, y in (data if not paired else ()):
                 settings.append(hook.comm.setting if hook is not None else "none")
                 loss = torch.nn.functional.mse_loss(ddp(x), y)
                 loss.backward()
@@ -275,14 +338,18 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                 losses.append(float(loss.detach()))
             # CPU of this rank's process (every thread: the hook's too) per timed step: where the host is
             # shared, a steadier figure of what the hook costs than wall time
-            cpu_ms = (time.process_time() - cpu0) / (len(times) - spec.warmup) * 1e3 if len(times) > spec.warmup else None
-            out.update(times=times, settings=settings, losses=losses, seconds=time.monotonic() - t0, cpu_ms=cpu_ms)
+            if not paired:
+                cpu_ms = ((time.process_time() - cpu0) / (len(times) - spec.warmup) * 1e3
+                          if len(times) > spec.warmup else None)
+                out.update(times=times, settings=settings, losses=losses, seconds=time.monotonic() - t0,
+                           cpu_ms=cpu_ms)
             if hook is not None and hook.meter.comm_bytes:
                 out["comm_mb_per_step"] = hook.meter.comm_bytes / max(1, hook.meter.steps) / 1e6
             if rank == 0:
                 xe, ye = eval_set(m)
-                with torch.no_grad():
-                    out["eval_loss"] = float(torch.nn.functional.mse_loss(ddp.module(xe), ye))
+                if not paired:
+                    with torch.no_grad():
+                        out["eval_loss"] = float(torch.nn.functional.mse_loss(ddp.module(xe), ye))
                 if hook is not None:
                     out["final"] = hook.comm.setting
                     if hook.comm.setting == "powersgd" and hook.comm.get_rank() != 1:
@@ -350,6 +417,8 @@ def run_once(spec: Spec) -> Result:
     res.history, res.windows = r0.get("history", []), r0.get("windows", [])
     res.comm_mb_per_step = r0.get("comm_mb_per_step")
     res.cpu_ms = r0.get("cpu_ms")
+    res.pairs = [tuple(p) for p in r0.get("pairs", [])]
+    res.plain_eval_loss = r0.get("plain_eval_loss")
     return res
 
 
@@ -402,8 +471,31 @@ def _rates(r: Result, m: ModelSpec, warmup: int) -> tuple[float | None, float | 
     return r.rate(warmup - 1, n - 1, m.batch), r.rate(n - 1 - max(2, n // 4), n - 1, m.batch)
 
 
+def paired_figures(rs: list[Result], warmup: int) -> Figures:
+    """`paired` runs: plain seconds over tuned seconds of the blocks after the warm-up (whole) and of
+    the last quarter of the blocks (end), the tuned model's held-out loss over the plain one's; the
+    median over rounds, with the range."""
+    per = []
+    for r in rs:
+        if not r.ok or not r.pairs:
+            continue
+        p = r.pairs[max(1, -(-warmup // BLOCK)):] or r.pairs
+        last = p[-max(1, len(p) // 4):]
+        per.append((sum(a for a, _ in p) / sum(b for _, b in p), sum(a for a, _ in last) / sum(b for _, b in last),
+                    ratio(r.eval_loss, r.plain_eval_loss)))
+    if not per:
+        return Figures(None, None, None)
+    f = Figures(_median([x[0] for x in per]), _median([x[1] for x in per]), _median([x[2] for x in per]))
+    if len(per) > 1:
+        f.whole_range = (min(x[0] for x in per), max(x[0] for x in per))
+        f.end_range = (min(x[1] for x in per), max(x[1] for x in per))
+    return f
+
+
 def figures(rs: list[Result], base: list[Result], m: ModelSpec, warmup: int) -> Figures:
     """Ratios of the median over the repeats of `rs` to the median of `base` (none's repeats)."""
+    if rs and rs[0].setting == "paired":
+        return paired_figures(rs, warmup)
     ok, bok = [r for r in rs if r.ok], [b for b in base if b.ok]
     if not ok or not bok:
         return Figures(None, None, None)
@@ -421,6 +513,9 @@ def figures(rs: list[Result], base: list[Result], m: ModelSpec, warmup: int) -> 
 
 
 def ms_per_step(r: Result, warmup: int) -> float | None:
+    if r.pairs:        # paired: the tuned model's blocks only
+        p = r.pairs[max(1, -(-warmup // BLOCK)):] or r.pairs
+        return sum(b for _, b in p) / (len(p) * BLOCK) * 1e3
     n = len(r.times)
     return (r.times[-1] - r.times[warmup - 1]) / (n - warmup) * 1e3 if r.ok and n > warmup else None
 
@@ -440,7 +535,9 @@ def goals(results: Results, args: argparse.Namespace) -> list[tuple[str, bool | 
         name = f"{link}, {m.title}"
         if (link, model) not in args.cases:
             continue
-        base, tuned = results.get((link, model, "none"), []), results.get((link, model, "tuned"), [])
+        # the do-no-harm check reads the paired run where there is one: it resolves what separate runs cannot
+        which = "paired" if link == "loopback" and results.get((link, model, "paired")) else "tuned"
+        base, tuned = results.get((link, model, "none"), []), results.get((link, model, which), [])
         if not any(r.ok for r in base) or not any(r.ok for r in tuned):
             why = "; ".join(f"{r.setting}: {r.why}" for r in base + tuned if not r.ok) or "not run"
             out.append((name, None, f"could not be checked ({why})"))
@@ -455,7 +552,7 @@ def goals(results: Results, args: argparse.Namespace) -> list[tuple[str, bool | 
                         f"final {finals}; {trials}"))
         else:
             ok = f.whole is not None and f.whole >= KEEP_GOAL
-            out.append((f"{name}: tuned samples/s over the whole run >= {KEEP_GOAL:.0%} of none", ok,
+            out.append((f"{name}: tuned samples/s over the whole run >= {KEEP_GOAL:.0%} of none ({which})", ok,
                         f"{_with_range(f.whole, f.whole_range)}x; final {finals}; {trials}"))
     return out
 
@@ -493,7 +590,7 @@ def report(results: Results, args: argparse.Namespace, load: tuple[float, float]
                     continue
                 f = figures(rs, base, m, args.warmup)
                 notes = []
-                if setting == "tuned":
+                if setting in ("tuned", "paired"):
                     notes.append(" \\| ".join(f"{trials_of(r)}; {path_of(r)}" for r in ok))
                 mb = _median([r.comm_mb_per_step for r in ok])
                 if mb is not None:
@@ -555,11 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     args.cases = [(lk, mk) for lk in args.link_list for mk in args.model_list
                   if not (args.quick and args.links is None and args.models_default)
                   or (lk, mk) in (("1gbit", "wire"), ("loopback", "compute"))]
-    settings = [x.strip() for x in (args.settings or ("none,fp16,tuned" if args.quick else
-                                                        "none,fp16,bf16,powersgd,tuned")).split(",") if x.strip()]
+    settings = [x.strip() for x in (args.settings or ("none,fp16,tuned,paired" if args.quick else
+                                                        "none,fp16,bf16,powersgd,tuned,paired")).split(",")
+                if x.strip()]
     args.setting_list = ["none"] + [s for s in settings if s != "none"]
     bad = ([x for x in args.link_list if x not in LINKS] + [x for x in args.model_list if x not in MODELS]
-           + [x for x in args.setting_list if x not in ("none", "hooked", "fp16", "bf16", "powersgd", "tuned")
+           + [x for x in args.setting_list if x not in ("none", "hooked", "fp16", "bf16", "powersgd", "tuned", "paired")
               and not (x.startswith("powersgd@") and x[9:].isdigit() and 1 <= int(x[9:]) <= 1024)])
     if bad:
         p.error(f"unknown link(s), model(s) or setting(s): {bad}")
@@ -590,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         m = MODELS[mk]
                         for setting in args.setting_list:
+                            if setting == "paired" and args.settings is None and mk != "compute":
+                                continue        # by default only where it is the do-no-harm check
                             port += 1
                             spec = Spec(link, m, setting, args.steps_of[mk], args.warmup, bed,
                                         free_port() if bed is None else port, tempfile.mkdtemp(dir=tmp),
@@ -604,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{fmt(f.end)}x, loss {fmt(r.eval_loss, '.5f')} ({fmt(f.loss, '.3f')}x), final "
                                 f"{r.final}, {r.seconds:.0f} s, load {r.load[0]:.1f}-{r.load[1]:.1f}"
                                 if r.ok else f"not run: {r.why}"), file=sys.stderr, flush=True)
-                            if setting == "tuned" and r.ok:
+                            if setting in ("tuned", "paired") and r.ok:
                                 print(f"    trials: {trials_of(r)}\n    path: {path_of(r)}\n"
                                       f"    windows (samples/s / comm share / verdict / loss): {windows_text(r)}",
                                       file=sys.stderr, flush=True)
