@@ -58,6 +58,20 @@ Tools, each run once per seed (--seeds, default 3; --quick 1); the seed sets the
             stand-in a step's time is this CPU's, not a GPU's, so that trial's outcome says nothing
             about a GPU: the row shows what the engine does, not a figure to compare.
 
+The framework rows (--tools hf, looptune-lightning, looptune-hf; --tools all runs every tool), from
+benchmarks/batch_size_transformers.py and benchmarks/batch_size_lightning.py (their docstrings
+describe them; the same curves, data, model and stand-in):
+
+  hf auto_find above / below  (tool hf) transformers 5.x Trainer(auto_find_batch_size=True) from the
+            same starts as Accelerate's (its search is Accelerate's find_executable_batch_size around
+            the Trainer's training loop), one epoch.
+  looptune in lightning  (tool looptune-lightning) LooptuneCallback(tune=["batch_size"]) in a
+            Lightning Trainer whose loader's batch is the global batch; default config.
+  looptune in HF  (tool looptune-hf) LooptuneCallback in the HF Trainer with
+            per_device_train_batch_size = the global batch; the batch_size tuner's throughput trial
+            off (the memory search alone).
+  Both stop as the looptune row does (--looptune-after, --looptune-steps, --looptune-seconds).
+
 Figures, per tool and curve (a range over the seeds where they differ):
 
   steps spent probing  steps run for the search whose training is thrown away: for Lightning every
@@ -88,7 +102,8 @@ OOMs than the peer had by the time a micro-batch of the peer's final size ran (t
 looptune's whole-run OOMs). A peer that never completed a run counts as share 0. A peer that did
 no search (Accelerate started below the maximum keeps its start: 0 steps, 0 OOMs, a share of
 0.51-0.68) is beaten where looptune passes that share before its first OOM; its goal lines say
-that it did no search.
+that it did no search. The same goal holds looptune in Lightning against Lightning's finders and
+looptune in HF against HF's auto_find_batch_size.
 
 Workarounds for the stand-in: FakeCuda answers torch.cuda.is_available() with True while the model
 runs on the CPU, so the Trainer gets accelerator="cpu" (with "auto" Lightning picks CUDA and
@@ -101,7 +116,7 @@ The peers are not looptune dependencies. Their environment, separate from the pr
 
     python3 -m venv /work/bench-venv && . /work/bench-venv/bin/activate
     pip install torch==2.13.0                  # first: the CPU build (a bare requirement pulls CUDA)
-    pip install 'lightning>=2.6,<2.7' 'accelerate>=1.0'
+    pip install 'lightning>=2.6,<2.7' 'accelerate>=1.0' 'transformers>=5,<6'   # transformers: hf, looptune-hf
     pip install -e .                           # looptune from this checkout
     pip list | grep -i torch                   # torch 2.13.0+cpu
 
@@ -110,6 +125,7 @@ Run (in that environment):
     python benchmarks/batch_size.py                       # 3 seeds, ~3.5 minutes on 2 cores
     python benchmarks/batch_size.py --quick               # 1 seed, ~45 s
     python benchmarks/batch_size.py --curves padded --tools lightning,accelerate --seeds 5
+    python benchmarks/batch_size.py --tools all           # every tool, the framework rows too: 3 seeds, ~6 minutes
 
 Exit status 0 when every goal passes; 1 when a goal fails; 2 when a requested tool could not run
 (a peer not installed, looptune without hook.accumulate), so the goals could not be checked.

@@ -20,9 +20,13 @@ its docstring for what each column means):
     python benchmarks/batch_size_lightning.py            # 3 curves x 1 seed, about a minute on 2 cores
     python benchmarks/batch_size_lightning.py --seeds 3 --curves padded
 
+`python benchmarks/batch_size.py --tools all` puts these rows in one table with every other tool
+(`--tools looptune-lightning` runs this module's looptune row there).
+
 Needs lightning 2.6 (`pip install -e '.[torch,lightning]'`). Exit status: 0 when looptune in Lightning
-is ahead of both of Lightning's finders on every curve (share >= the finder's, steps spent probing
-<= the finder's, OOMs <= the finder's), 1 when not, 2 when Lightning is not installed.
+is ahead of both of Lightning's finders on every curve (batch_size.py's goal: share >= the finder's,
+steps spent probing <= the finder's, OOMs before a micro-batch of the finder's size ran <= the
+finder's OOMs), 1 when not, 2 when Lightning is not installed.
 """
 from __future__ import annotations
 

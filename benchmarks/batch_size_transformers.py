@@ -23,8 +23,8 @@ Rows, in batch_size.py's `ToolRun` form so that its table and goals can take the
     python benchmarks/batch_size_transformers.py                   # 3 seeds, HF and looptune-in-HF rows
     python benchmarks/batch_size_transformers.py --quick --peers   # 1 seed, with batch_size.py's own tools
 
-From benchmarks/batch_size.py: `import batch_size_transformers as hf; runs += hf.rows(bs_module, curve,
-capacity, seed, maximum)`. Needs transformers 5.x and accelerate in the environment (the project's
+From benchmarks/batch_size.py: `--tools hf,looptune-hf` (or `--tools all`) runs `run_hf_auto` and
+`run_looptune_hf` there, in one table with every other tool. Needs transformers 5.x and accelerate in the environment (the project's
 `transformers` extra); exit status 2 where they are missing.
 """
 from __future__ import annotations
