@@ -58,6 +58,20 @@ Tools, each run once per seed (--seeds, default 3; --quick 1); the seed sets the
             stand-in a step's time is this CPU's, not a GPU's, so that trial's outcome says nothing
             about a GPU: the row shows what the engine does, not a figure to compare.
 
+The framework rows (--tools hf, looptune-lightning, looptune-hf; --tools all runs every tool), from
+benchmarks/batch_size_transformers.py and benchmarks/batch_size_lightning.py (their docstrings
+describe them; the same curves, data, model and stand-in):
+
+  hf auto_find above / below  (tool hf) transformers 5.x Trainer(auto_find_batch_size=True) from the
+            same starts as Accelerate's (its search is Accelerate's find_executable_batch_size around
+            the Trainer's training loop), one epoch.
+  looptune in lightning  (tool looptune-lightning) LooptuneCallback(tune=["batch_size"]) in a
+            Lightning Trainer whose loader's batch is the global batch; default config.
+  looptune in HF  (tool looptune-hf) LooptuneCallback in the HF Trainer with
+            per_device_train_batch_size = the global batch; the batch_size tuner's throughput trial
+            off (the memory search alone).
+  Both stop as the looptune row does (--looptune-after, --looptune-steps, --looptune-seconds).
+
 Figures, per tool and curve (a range over the seeds where they differ):
 
   steps spent probing  steps run for the search whose training is thrown away: for Lightning every
@@ -88,7 +102,8 @@ OOMs than the peer had by the time a micro-batch of the peer's final size ran (t
 looptune's whole-run OOMs). A peer that never completed a run counts as share 0. A peer that did
 no search (Accelerate started below the maximum keeps its start: 0 steps, 0 OOMs, a share of
 0.51-0.68) is beaten where looptune passes that share before its first OOM; its goal lines say
-that it did no search.
+that it did no search. The same goal holds looptune in Lightning against Lightning's finders and
+looptune in HF against HF's auto_find_batch_size.
 
 Workarounds for the stand-in: FakeCuda answers torch.cuda.is_available() with True while the model
 runs on the CPU, so the Trainer gets accelerator="cpu" (with "auto" Lightning picks CUDA and
@@ -101,7 +116,7 @@ The peers are not looptune dependencies. Their environment, separate from the pr
 
     python3 -m venv /work/bench-venv && . /work/bench-venv/bin/activate
     pip install torch==2.13.0                  # first: the CPU build (a bare requirement pulls CUDA)
-    pip install 'lightning>=2.6,<2.7' 'accelerate>=1.0'
+    pip install 'lightning>=2.6,<2.7' 'accelerate>=1.0' 'transformers>=5,<6'   # transformers: hf, looptune-hf
     pip install -e .                           # looptune from this checkout
     pip list | grep -i torch                   # torch 2.13.0+cpu
 
@@ -110,6 +125,7 @@ Run (in that environment):
     python benchmarks/batch_size.py                       # 3 seeds, ~3.5 minutes on 2 cores
     python benchmarks/batch_size.py --quick               # 1 seed, ~45 s
     python benchmarks/batch_size.py --curves padded --tools lightning,accelerate --seeds 5
+    python benchmarks/batch_size.py --tools all           # every tool, the framework rows too: 3 seeds, ~6 minutes
 
 Exit status 0 when every goal passes; 1 when a goal fails; 2 when a requested tool could not run
 (a peer not installed, looptune without hook.accumulate), so the goals could not be checked.
@@ -163,6 +179,12 @@ LEN_MEDIAN, LEN_SIGMA, LEN_MIN, LEN_SEED = 32, 0.5, 4, 11
 DATA_SEED = 20240601
 GLOBAL_BATCH = 2048         # looptune's batch per optimizer step
 TRIALS_LABEL = "looptune, engine trials"
+# --tools: each tool and the modules it needs besides torch (the framework rows are in
+# batch_size_lightning.py and batch_size_transformers.py)
+TOOLS: dict[str, tuple[str, ...]] = {
+    "lightning": ("lightning",), "accelerate": ("accelerate",), "hf": ("transformers", "accelerate"),
+    "looptune": (), "looptune-lightning": ("lightning",), "looptune-hf": ("transformers", "accelerate"),
+}
 REACH = 0.90                # looptune runs until a micro-batch of this share of the maximum completed
 LIGHTNING_FITS = 3          # a crashed fit is re-fitted, up to this many fits in all
 BISECT_HIGH = 16384
@@ -564,13 +586,7 @@ def run_looptune(curve: Curve, capacity: int, seed: int, maxb: int, *, global_ba
                     steps += 1
                     used += int(batch[0].shape[0])
                     knob = hook.knobs.get("micro_batch_size")
-                    run.knobs.append(knob)
-                    run.ooms_at.append(fake.ooms)
-                    # the micro-batches of this step that ran: no OOM between their start and the next one's
-                    ends = [c[1] for c in calls[1:]] + [fake.ooms]
-                    run.sizes.append(max((r for (r, o0), o1 in zip(calls, ends) if o1 == o0), default=0))
-                    run.ran.extend((r, o0) for (r, o0), o1 in zip(calls, ends) if o1 == o0)
-                    run.splits.append(len(calls))
+                    record_step(run, knob, calls, fake.ooms)
                     if reached is None and isinstance(knob, int) and knob >= REACH * maxb:
                         reached = steps
                     if knob != last_knob or not hook.microbatcher.fitted:
@@ -612,6 +628,18 @@ def run_looptune(curve: Curve, capacity: int, seed: int, maxb: int, *, global_ba
     return run
 
 
+def record_step(run: ToolRun, knob: Any, calls: list[tuple[int, int]], ooms: int) -> None:
+    """A looptune row's figures after one optimizer step (the hand-written loop's, and the Lightning
+    and HF Trainer rows'): the knob, the OOMs so far, and the step's micro-batches `calls` as (rows,
+    OOMs at its start); one ran when no OOM came between its start and the next one's."""
+    run.knobs.append(knob)
+    run.ooms_at.append(ooms)
+    ends = [c[1] for c in calls[1:]] + [ooms]
+    run.sizes.append(max((r for (r, o0), o1 in zip(calls, ends) if o1 == o0), default=0))
+    run.ran.extend((r, o0) for (r, o0), o1 in zip(calls, ends) if o1 == o0)
+    run.splits.append(len(calls))
+
+
 def _knob_path(knobs: list[Any]) -> list[str]:
     out: list[str] = []
     prev: Any = object()
@@ -637,34 +665,81 @@ def _joined(values: list[Any]) -> str:
     return str(values[0]) if len(set(map(str, values))) == 1 else " / ".join(map(str, values))
 
 
+# looptune's rows and the peers each is judged against: the hand-written loop against every peer,
+# looptune inside a framework's Trainer against that framework's own search
+GOAL_PAIRS: list[tuple[str, Callable[[str], bool]]] = [
+    ("looptune", lambda tool: not tool.startswith("looptune")),
+    ("looptune in lightning", lambda tool: tool.startswith("lightning ")),
+    ("looptune in HF", lambda tool: tool.startswith("hf ")),
+]
+
+
 def goals(runs: list[ToolRun], maxb: dict[str, int]) -> list[tuple[str, bool, str]]:
     out = []
-    tuned = {(r.curve, r.seed): r for r in runs if r.tool == "looptune"}
-    for p in runs:
-        if p.tool.startswith("looptune"):
-            continue
-        lt = tuned.get((p.curve, p.seed))
-        if lt is None:
-            continue
-        m = maxb[p.curve]
-        peer_share = min(1.0, p.share(m) or 0.0)
-        lt_share = lt.share(m) or 0.0
-        steps = lt.steps_to(peer_share * m) if peer_share > 0 else 0
-        ok_share = lt_share >= peer_share
-        ok_steps = lt.probe_steps <= p.probe_steps
-        # OOMs at equal share: those looptune spent before a micro-batch of the peer's final size ran
-        # (its whole run's OOMs are in the table; a peer that did no search never pays for one)
-        ooms_to = lt.ooms_to(peer_share * m) if peer_share > 0 else 0
-        ok_ooms = ooms_to is not None and ooms_to <= p.ooms
-        why = [w for w, ok in (("share", ok_share), ("steps", ok_steps), ("OOMs", ok_ooms)) if not ok]
-        out.append((f"{p.curve}, seed {p.seed}: looptune vs {p.tool}", not why,
-                    f"share {lt_share:.2f} vs {peer_share:.2f}; steps spent probing {lt.probe_steps} vs "
-                    f"{p.probe_steps}; looptune's training steps to {peer_share:.2f}: "
-                    f"{steps if steps is not None else 'never'}; "
-                    f"OOMs to the peer's share {ooms_to if ooms_to is not None else 'never'} (whole run {lt.ooms}) "
-                    f"vs {p.ooms}" + (f"; behind on {', '.join(why)}" if why else "")
-                    + ("; the peer did no search (it kept its start)" if p.probe_steps == 0 and p.ooms == 0 else "")))
+    for ours, is_peer in GOAL_PAIRS:
+        tuned = {(r.curve, r.seed): r for r in runs if r.tool == ours}
+        for p in runs:
+            if not is_peer(p.tool):
+                continue
+            lt = tuned.get((p.curve, p.seed))
+            if lt is None:
+                continue
+            m = maxb[p.curve]
+            peer_share = min(1.0, p.share(m) or 0.0)
+            lt_share = lt.share(m) or 0.0
+            steps = lt.steps_to(peer_share * m) if peer_share > 0 else 0
+            ok_share = lt_share >= peer_share
+            ok_steps = lt.probe_steps <= p.probe_steps
+            # OOMs at equal share: those looptune spent before a micro-batch of the peer's final size ran
+            # (its whole run's OOMs are in the table; a peer that did no search never pays for one)
+            ooms_to = lt.ooms_to(peer_share * m) if peer_share > 0 else 0
+            ok_ooms = ooms_to is not None and ooms_to <= p.ooms
+            why = [w for w, ok in (("share", ok_share), ("steps", ok_steps), ("OOMs", ok_ooms)) if not ok]
+            out.append((f"{p.curve}, seed {p.seed}: {ours} vs {p.tool}", not why,
+                        f"share {lt_share:.2f} vs {peer_share:.2f}; steps spent probing {lt.probe_steps} vs "
+                        f"{p.probe_steps}; looptune's training steps to {peer_share:.2f}: "
+                        f"{steps if steps is not None else 'never'}; "
+                        f"OOMs to the peer's share {ooms_to if ooms_to is not None else 'never'} (whole run {lt.ooms}) "
+                        f"vs {p.ooms}" + (f"; behind on {', '.join(why)}" if why else "")
+                        + ("; the peer did no search (it kept its start)" if p.probe_steps == 0 and p.ooms == 0
+                           else "")))
     return out
+
+
+# the table's row order; a tool not named here follows in the order it ran
+ORDER = ["lightning power", "lightning binsearch", "accelerate above", "accelerate below", "hf auto_find above",
+         "hf auto_find below", "looptune", TRIALS_LABEL, "looptune in lightning", "looptune in HF"]
+TABLE_HEAD = ["| curve (maximum) | tool (start) | steps spent probing | steps until the final size | OOMs | "
+              "final size (share of max) | samples wasted | restarts | notes |",
+              "|---|---|---|---|---|---|---|---|---|"]
+
+
+def table_rows(runs: list[ToolRun], maxb: dict[str, int], curve: str) -> list[str]:
+    """The table's rows of one curve, every tool that ran (ranges over the seeds)."""
+    lines = []
+    m = maxb[curve]
+    ran = list(dict.fromkeys(r.tool for r in runs if r.curve == curve))
+    for tool in [t for t in ORDER if t in ran] + [t for t in ran if t not in ORDER]:
+        rs = [r for r in runs if r.curve == curve and r.tool == tool]
+        finals = [r.final for r in rs]
+        shares = [r.share(m) for r in rs]
+        final = (f"{_span(finals)} ({_span(shares, lambda s: f'{s:.2f}')})" if any(f is not None for f in finals)
+                 else "none")
+        if any(f is None for f in finals) and any(f is not None for f in finals):
+            final += f"; none in {sum(f is None for f in finals)} of {len(rs)}"
+        keys = list(dict.fromkeys(k for r in rs for k in r.brief))
+        notes = "; ".join(f"{k}: {_joined([r.brief.get(k, '-') for r in rs])}" for k in keys)
+        lines.append(f"| {CURVES[curve].title} ({m}) | {tool} ({_span([r.start for r in rs])}) | "
+                     f"{_span([r.probe_steps for r in rs])} | "
+                     f"{_span([r.probe_steps if r.steps_to_final is None else r.steps_to_final for r in rs])} | "
+                     f"{_span([r.ooms for r in rs])} | {final} | "
+                     f"{_span([r.samples_wasted for r in rs], lambda v: f'{v:,}')} | "
+                     f"{_span([r.restarts for r in rs])} | {notes} |")
+    return lines
+
+
+def table(runs: list[ToolRun], maxb: dict[str, int], curves: list[str]) -> str:
+    return "\n".join(TABLE_HEAD + [line for ck in curves for line in table_rows(runs, maxb, ck)])
 
 
 def report(runs: list[ToolRun], maxb: dict[str, int], args: argparse.Namespace, versions: dict[str, str],
@@ -672,34 +747,14 @@ def report(runs: list[ToolRun], maxb: dict[str, int], args: argparse.Namespace, 
     lines = [f"# batch-size benchmark: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
              + ", ".join(f"{k} {v}" for k, v in versions.items()),
              f"stand-in GPU: FakeCuda {args.capacity_mib} MiB; N={N}; seeds {', '.join(map(str, args.seed_list))}; "
-             f"Lightning init_val {args.lightning_init}, steps_per_trial 3, margin 0.05; Accelerate from "
-             f"{args.accelerate_above} and {args.accelerate_below}; looptune global batch {args.global_batch}",
+             f"Lightning init_val {args.lightning_init}, steps_per_trial 3, margin 0.05; Accelerate and HF "
+             f"auto_find_batch_size from {args.accelerate_above} and {args.accelerate_below}; looptune global batch "
+             f"{args.global_batch}; tools {', '.join(args.tool_list)}",
              ""]
-    lines.append("| curve (maximum) | tool (start) | steps spent probing | steps until the final size | OOMs | "
-                 "final size (share of max) | samples wasted | restarts | notes |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
-    order = ["lightning power", "lightning binsearch", "accelerate above", "accelerate below", "looptune",
-             TRIALS_LABEL]
+    lines.extend(TABLE_HEAD)
     for ck in args.curve_list:
         m = maxb[ck]
-        for tool in order:
-            rs = [r for r in runs if r.curve == ck and r.tool == tool]
-            if not rs:
-                continue
-            finals = [r.final for r in rs]
-            shares = [r.share(m) for r in rs]
-            final = (f"{_span(finals)} ({_span(shares, lambda s: f'{s:.2f}')})" if any(f is not None for f in finals)
-                     else "none")
-            if any(f is None for f in finals) and any(f is not None for f in finals):
-                final += f"; none in {sum(f is None for f in finals)} of {len(rs)}"
-            keys = list(dict.fromkeys(k for r in rs for k in r.brief))
-            notes = "; ".join(f"{k}: {_joined([r.brief.get(k, '-') for r in rs])}" for k in keys)
-            lines.append(f"| {CURVES[ck].title} ({m}) | {tool} ({_span([r.start for r in rs])}) | "
-                         f"{_span([r.probe_steps for r in rs])} | "
-                         f"{_span([r.probe_steps if r.steps_to_final is None else r.steps_to_final for r in rs])} | "
-                         f"{_span([r.ooms for r in rs])} | {final} | "
-                         f"{_span([r.samples_wasted for r in rs], lambda v: f'{v:,}')} | "
-                         f"{_span([r.restarts for r in rs])} | {notes} |")
+        lines.extend(table_rows(runs, maxb, ck))
         if "looptune" in missing and "looptune" in args.tool_list:
             lines.append(f"| {CURVES[ck].title} ({m}) | looptune | looptune: not available in this checkout "
                          "| | | | | |")
@@ -711,7 +766,7 @@ def report(runs: list[ToolRun], maxb: dict[str, int], args: argparse.Namespace, 
     lines.append("")
     lines.append("Goals (looptune ahead of each peer: share >= the peer's, steps spent probing <= the peer's, "
                  "OOMs by the peer's share <= the peer's OOMs):")
-    for peer in (m for m in missing if m != "looptune"):
+    for peer in (m for m in missing if not m.startswith("looptune")):
         lines.append(f"- not checked against {peer}: not installed here")
     if "looptune" in missing:
         lines.append("- not checked: looptune: not available in this checkout")
@@ -728,8 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one seed and shorter looptune caps, a smoke check")
     p.add_argument("--curves", default="straight,jump,padded", help="comma list of straight, jump, padded")
-    p.add_argument("--tools", default="lightning,accelerate,looptune", help="comma list of lightning, accelerate, "
-                   "looptune")
+    p.add_argument("--tools", default="lightning,accelerate,looptune", help="comma list of " + ", ".join(TOOLS)
+                   + " (the framework rows: hf, looptune-lightning, looptune-hf), or all")
     p.add_argument("--seeds", type=int, default=None, help="runs per tool and curve, data order seeds 1.. "
                    "(default 3; --quick 1)")
     p.add_argument("--capacity-mib", type=int, default=CAPACITY_MIB, help="the stand-in's memory (default 2001)")
@@ -751,8 +806,9 @@ def main(argv: list[str] | None = None) -> int:
         args.trials_seconds = 0.0 if args.quick else 20.0
     args.curve_list = [c.strip() for c in args.curves.split(",") if c.strip()]
     args.tool_list = [t.strip() for t in args.tools.split(",") if t.strip()]
-    bad = [c for c in args.curve_list if c not in CURVES] + [t for t in args.tool_list
-                                                             if t not in ("lightning", "accelerate", "looptune")]
+    if "all" in args.tool_list:
+        args.tool_list = list(TOOLS)
+    bad = [c for c in args.curve_list if c not in CURVES] + [t for t in args.tool_list if t not in TOOLS]
     if bad:
         p.error(f"unknown curve(s) or tool(s): {bad}")
     torch.set_num_threads(1)
@@ -760,22 +816,35 @@ def main(argv: list[str] | None = None) -> int:
 
     versions: dict[str, str] = {}
     missing: list[str] = []
-    for tool, module in (("lightning", "lightning"), ("accelerate", "accelerate")):
-        if tool not in args.tool_list:
-            continue
-        try:
-            versions[tool] = __import__(module).__version__
-        except ImportError:
-            print(f"{tool}: not installed here; see this script's docstring for its environment", file=sys.stderr)
-            missing.append(tool)
-    if "looptune" in args.tool_list:
+    for tool in args.tool_list:
+        for module in TOOLS[tool]:
+            try:
+                versions[module] = __import__(module).__version__
+            except ImportError:
+                print(f"{tool}: {module} is not installed here; see this script's docstring for its environment",
+                      file=sys.stderr)
+                missing.append(tool)
+                break
+    if any(t.startswith("looptune") for t in args.tool_list):
         why = looptune_available()
         if why is not None:
             print(f"looptune: not available in this checkout ({why})", file=sys.stderr, flush=True)
-            missing.append("looptune")
+            missing.extend(t for t in args.tool_list if t.startswith("looptune") and t not in missing)
         else:
             import looptune
             versions["looptune"] = looptune.__version__
+    ok = [t for t in args.tool_list if t not in missing]
+    lit = hf = None
+    if {"hf", "looptune-hf", "looptune-lightning"} & set(ok):
+        # the framework rows live in batch_size_lightning.py / batch_size_transformers.py, which import
+        # this module as `batch_size`: run as a script, this is __main__, so they get this very module
+        sys.modules.setdefault("batch_size", sys.modules[__name__])
+        if str(Path(__file__).resolve().parent) not in sys.path:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if "looptune-lightning" in ok:
+        import batch_size_lightning as lit
+    if {"hf", "looptune-hf"} & set(ok):
+        import batch_size_transformers as hf
 
     maxb: dict[str, int] = {}
     runs: list[ToolRun] = []
@@ -800,7 +869,10 @@ def main(argv: list[str] | None = None) -> int:
             if "accelerate" in args.tool_list and "accelerate" not in missing:
                 done(run_accelerate(curve, capacity, args.accelerate_above, seed, "accelerate above"))
                 done(run_accelerate(curve, capacity, args.accelerate_below, seed, "accelerate below"))
-            if "looptune" in args.tool_list and "looptune" not in missing:
+            if hf is not None and "hf" in ok:
+                done(hf.run_hf_auto(curve, capacity, seed, args.accelerate_above, hf.LABEL_ABOVE))
+                done(hf.run_hf_auto(curve, capacity, seed, args.accelerate_below, hf.LABEL_BELOW))
+            if "looptune" in ok:
                 done(run_looptune(curve, capacity, seed, maxb[ck], global_batch=args.global_batch,
                                   max_steps=args.looptune_steps, seconds=args.looptune_seconds,
                                   after_steps=args.looptune_after))
@@ -809,6 +881,14 @@ def main(argv: list[str] | None = None) -> int:
                                       max_steps=10**9, seconds=max(args.looptune_seconds, args.trials_seconds + 30),
                                       after_steps=args.looptune_after, min_seconds=args.trials_seconds,
                                       label=TRIALS_LABEL))
+            if lit is not None:
+                done(lit.run_looptune_lightning(curve, capacity, seed, maxb[ck], global_batch=args.global_batch,
+                                                max_steps=args.looptune_steps, seconds=args.looptune_seconds,
+                                                after_steps=args.looptune_after))
+            if hf is not None and "looptune-hf" in ok:
+                done(hf.run_looptune_hf(curve, capacity, seed, maxb[ck], global_batch=args.global_batch,
+                                        max_steps=args.looptune_steps, seconds=args.looptune_seconds,
+                                        after_steps=args.looptune_after))
 
     print(report(runs, maxb, args, versions, missing), flush=True)
     if args.json:

@@ -20,9 +20,13 @@ its docstring for what each column means):
     python benchmarks/batch_size_lightning.py            # 3 curves x 1 seed, about a minute on 2 cores
     python benchmarks/batch_size_lightning.py --seeds 3 --curves padded
 
+`python benchmarks/batch_size.py --tools all` puts these rows in one table with every other tool
+(`--tools looptune-lightning` runs this module's looptune row there).
+
 Needs lightning 2.6 (`pip install -e '.[torch,lightning]'`). Exit status: 0 when looptune in Lightning
-is ahead of both of Lightning's finders on every curve (share >= the finder's, steps spent probing
-<= the finder's, OOMs <= the finder's), 1 when not, 2 when Lightning is not installed.
+is ahead of both of Lightning's finders on every curve (batch_size.py's goal: share >= the finder's,
+steps spent probing <= the finder's, OOMs before a micro-batch of the finder's size ran <= the
+finder's OOMs), 1 when not, 2 when Lightning is not installed.
 """
 from __future__ import annotations
 
@@ -102,12 +106,8 @@ def run_looptune_lightning(curve: bs.Curve, capacity: int, seed: int, maxb: int,
             steps = trainer.global_step
             self.used += int(batch[0].shape[0])
             knob = hook.knobs.get("micro_batch_size")
-            run.knobs.append(knob)
-            run.ooms_at.append(module.fake.ooms)
             calls = list(module.calls)
-            ends = [c[1] for c in calls[1:]] + [module.fake.ooms]
-            run.sizes.append(max((r for (r, o0), o1 in zip(calls, ends) if o1 == o0), default=0))
-            run.splits.append(len(calls))
+            bs.record_step(run, knob, calls, module.fake.ooms)
             self.last_calls = calls
             if self.reached is None and isinstance(knob, int) and knob >= bs.REACH * maxb:
                 self.reached = steps
@@ -162,49 +162,11 @@ def run_looptune_lightning(curve: bs.Curve, capacity: int, seed: int, maxb: int,
     return run
 
 
-# ---- a side-by-side of Lightning's rows (batch_size.py prints the full table) ----
-
-def table(runs: list[bs.ToolRun], maxb: dict[str, int], curves: list[str]) -> str:
-    lines = ["| curve (maximum) | tool (start) | steps spent probing | steps until the final size | OOMs | "
-             "final size (share of max) | samples wasted | restarts | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for ck in curves:
-        m = maxb[ck]
-        for tool in ("lightning power", "lightning binsearch", "looptune", LABEL):
-            rs = [r for r in runs if r.curve == ck and r.tool == tool]
-            if not rs:
-                continue
-            finals = [r.final for r in rs]
-            shares = [r.share(m) for r in rs]
-            final = (f"{bs._span(finals)} ({bs._span(shares, lambda s: f'{s:.2f}')})"
-                     if any(f is not None for f in finals) else "none")
-            keys = list(dict.fromkeys(k for r in rs for k in r.brief))
-            notes = "; ".join(f"{k}: {bs._joined([r.brief.get(k, '-') for r in rs])}" for k in keys)
-            lines.append(f"| {bs.CURVES[ck].title} ({m}) | {tool} ({bs._span([r.start for r in rs])}) | "
-                         f"{bs._span([r.probe_steps for r in rs])} | "
-                         f"{bs._span([r.probe_steps if r.steps_to_final is None else r.steps_to_final for r in rs])} | "
-                         f"{bs._span([r.ooms for r in rs])} | {final} | "
-                         f"{bs._span([r.samples_wasted for r in rs], lambda v: f'{v:,}')} | "
-                         f"{bs._span([r.restarts for r in rs])} | {notes} |")
-    return "\n".join(lines)
-
+# ---- Lightning's rows side by side (batch_size.py --tools all prints every framework's) ----
 
 def goals(runs: list[bs.ToolRun], maxb: dict[str, int]) -> list[tuple[str, bool, str]]:
-    out = []
-    ours = {(r.curve, r.seed): r for r in runs if r.tool == LABEL}
-    for p in runs:
-        if not p.tool.startswith("lightning "):
-            continue
-        lt = ours.get((p.curve, p.seed))
-        if lt is None:
-            continue
-        m = maxb[p.curve]
-        peer, share = min(1.0, p.share(m) or 0.0), lt.share(m) or 0.0
-        ok = share >= peer and lt.probe_steps <= p.probe_steps and lt.ooms <= p.ooms
-        out.append((f"{p.curve}, seed {p.seed}: {LABEL} vs {p.tool}", ok,
-                    f"share {share:.2f} vs {peer:.2f}; steps spent probing {lt.probe_steps} vs {p.probe_steps}; "
-                    f"OOMs {lt.ooms} vs {p.ooms}"))
-    return out
+    """batch_size.py's goals of looptune in Lightning against Lightning's finders."""
+    return [g for g in bs.goals(runs, maxb) if g[0].split(": ", 1)[1].startswith(LABEL + " vs ")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.seconds:.1f} s; {r.notes}", file=sys.stderr, flush=True)
     print(f"# Lightning {lightning.__version__}, torch {torch.__version__}; stand-in GPU {args.capacity_mib} MiB; "
           f"looptune global batch {args.global_batch}\n")
-    print(table(runs, maxb, curves))
+    print(bs.table(runs, maxb, curves))
     print("\nPer run (Lightning: sizes x steps per fit; looptune: micro_batch_size@step):")
     for r in runs:
         print(f"- {r.curve} {r.tool} seed {r.seed}: {r.trajectory} ({r.seconds:.1f} s)")

@@ -23,13 +23,14 @@ Rows, in batch_size.py's `ToolRun` form so that its table and goals can take the
     python benchmarks/batch_size_transformers.py                   # 3 seeds, HF and looptune-in-HF rows
     python benchmarks/batch_size_transformers.py --quick --peers   # 1 seed, with batch_size.py's own tools
 
-From benchmarks/batch_size.py: `import batch_size_transformers as hf; runs += hf.rows(bs_module, curve,
-capacity, seed, maximum)`. Needs transformers 5.x and accelerate in the environment (the project's
+From benchmarks/batch_size.py: `--tools hf,looptune-hf` (or `--tools all`) runs `run_hf_auto` and
+`run_looptune_hf` there, in one table with every other tool. Needs transformers 5.x and accelerate in the environment (the project's
 `transformers` extra); exit status 2 where they are missing.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import shutil
@@ -57,12 +58,15 @@ class _HFNet(torch.nn.Module):
     def __init__(self, fake: Any, curve: Any) -> None:
         super().__init__()
         self.net = bs.make_model(fake, curve)
+        self.fake = fake
         self.rows: list[tuple[int, int]] = []     # (rows, self.tag at the forward)
+        self.calls: list[tuple[int, int]] = []    # this optimizer step's forwards: (rows, OOMs at its start)
         self.tag = 0
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
         if self.training:
             self.rows.append((int(x.shape[0]), self.tag))
+            self.calls.append((int(x.shape[0]), self.fake.ooms))
         out = self.net(x)
         return {"loss": bs.loss_fn(out, labels) if labels is not None else None, "logits": out}
 
@@ -156,10 +160,12 @@ def run_looptune_hf(curve: Any, capacity: int, seed: int, maxb: int, *, global_b
             class Follow(TrainerCallback):
                 stable_from, last = 0, None
 
+                def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                    model.calls.clear()
+
                 def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                     knob = cb.hook.knobs.get("micro_batch_size")
-                    run.knobs.append(knob)
-                    run.ooms_at.append(fake.ooms)
+                    bs.record_step(run, knob, model.calls, fake.ooms)
                     step = state.global_step
                     if not reached and isinstance(knob, int) and knob >= bs.REACH * maxb:
                         reached.append(step)
@@ -209,26 +215,8 @@ def rows(curve: Any, capacity: int, seed: int, maxb: int, *, global_batch: int =
 
 
 def table(runs: list[Any], maxb: dict[str, int], curves: list[str]) -> str:
-    """batch_size.py's table columns, every tool that ran."""
-    lines = ["| curve (maximum) | tool (start) | steps spent probing | steps until the final size | OOMs | "
-             "final size (share of max) | samples wasted | restarts | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for ck in curves:
-        m = maxb[ck]
-        for tool in dict.fromkeys(r.tool for r in runs if r.curve == ck):
-            rs = [r for r in runs if r.curve == ck and r.tool == tool]
-            finals = [r.final for r in rs]
-            final = (f"{bs._span(finals)} ({bs._span([r.share(m) for r in rs], lambda s: f'{s:.2f}')})"
-                     if any(f is not None for f in finals) else "none")
-            keys = list(dict.fromkeys(k for r in rs for k in r.brief))
-            notes = "; ".join(f"{k}: {bs._joined([r.brief.get(k, '-') for r in rs])}" for k in keys)
-            lines.append(f"| {bs.CURVES[ck].title} ({m}) | {tool} ({bs._span([r.start for r in rs])}) | "
-                         f"{bs._span([r.probe_steps for r in rs])} | "
-                         f"{bs._span([r.probe_steps if r.steps_to_final is None else r.steps_to_final for r in rs])} | "
-                         f"{bs._span([r.ooms for r in rs])} | {final} | "
-                         f"{bs._span([r.samples_wasted for r in rs], lambda v: f'{v:,}')} | "
-                         f"{bs._span([r.restarts for r in rs])} | {notes} |")
-    lines.append("")
+    """batch_size.py's table, every tool that ran, and a line per run."""
+    lines = [bs.table(runs, maxb, curves), ""]
     for r in runs:
         lines.append(f"- {r.curve} {r.tool} seed {r.seed}: {r.trajectory} ({r.seconds:.1f} s) {r.notes}")
     return "\n".join(lines)
@@ -262,10 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{ck}] maximum {maxb[ck]}", file=sys.stderr, flush=True)
         for seed in seeds:
             if a.peers:
-                try:
-                    import lightning.pytorch  # noqa: F401
+                if importlib.util.find_spec("lightning") is not None:
                     runs += [bs.run_lightning(curve, capacity, mode, seed, 2) for mode in ("power", "binsearch")]
-                except ImportError:
+                else:
                     print("lightning: not installed, its rows left out", file=sys.stderr)
                 runs.append(bs.run_accelerate(curve, capacity, 4096, seed, "accelerate above"))
                 runs.append(bs.run_looptune(curve, capacity, seed, maxb[ck], seconds=a.seconds))

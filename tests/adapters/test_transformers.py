@@ -9,7 +9,9 @@ here (a dict with `loss`, as the Trainer expects), no downloads; every run is bo
   within a few steps, out-of-memory errors recovered in the step, the global batch unchanged and the
   parameters those of the unsplit run;
 - the callback's state in the Trainer's checkpoint: a resumed run starts from the tuned setting;
-- two gloo ranks through the Trainer's DDP-wrapped model: every knob change on both at the same step.
+- two gloo ranks through the Trainer's DDP-wrapped model: every knob change on both at the same step;
+  and the same two ranks splitting their per-device batches into micro-batches, an out-of-memory
+  error on one rank recovered in its step, parameters equal to an unsplit 2-rank run.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from daemon_proc import ROOT, DaemonPool, Metrics  # noqa: E402
 from looptune.transformers import LooptuneCallback  # noqa: E402
 from tests.fakes.fake_cuda import FakeCuda, MemoryLayer, MiB, straight  # noqa: E402
-from tests.tuners.gloo_ranks import run_ranks  # noqa: E402
+from tests.tuners.gloo_ranks import assert_split_like_unsplit, params_of, run_ranks  # noqa: E402
 
 DIM = 4
 
@@ -68,8 +70,11 @@ class Tiny(torch.nn.Module):
         self.out = torch.nn.Linear(16, 1)
         self.to(dtype)
         self.seen: list[int] = []
+        self.rows: list[int] = []           # rows of every training forward
 
     def forward(self, x: Any, labels: Any = None, ids: Any = None) -> dict[str, Any]:
+        if self.training:
+            self.rows.append(int(x.shape[0]))
         if self.training and ids is not None:
             self.seen.extend(ids.tolist())
         h = torch.tanh(self.inp(x))
@@ -364,17 +369,23 @@ def test_a_resumed_run_starts_from_the_tuned_setting(tmp_path: Path, callbacks: 
 SETTINGS = ("none", "fp16", "bf16", "powersgd")
 
 
+def ddp_rank_env(rank: int, port: int) -> None:
+    """A forked rank of the Trainer's own DDP: torchrun's variables, Accelerate's state forgotten."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)    # the parent's single-process state
+    GradientState._reset_state()
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+
+
 def ddp_main(port: int, steps: int) -> Callable[..., None]:
     def main(rank: int, store: str, tmp: str, results: Any) -> None:
         try:
-            os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            torch.set_num_threads(1)
-            from accelerate.state import AcceleratorState, GradientState
-            AcceleratorState._reset_state(reset_partial_state=True)    # the parent's single-process state
-            GradientState._reset_state()
+            ddp_rank_env(rank, port)
             import torch.distributed as dist
-            assert not dist.is_initialized()
             # made before the process group exists: its rank comes from the Trainer
             # (tune names a tuner: a hook that tunes nothing syncs no decisions across ranks)
             cb = callback(Path(tmp), "hf-ddp", tune=["compression"], sync_every_steps=1)
@@ -407,7 +418,7 @@ def ddp_main(port: int, steps: int) -> Callable[..., None]:
                       "ddp": type(trainer.model_wrapped).__name__, "errors": cb.hook.errors,
                       "decisions": [(d.step, d.knob, d.new, d.outcome) for d in cb.hook.decisions],
                       "samples": cb.hook.counters["samples"], "mode": cb.loader_mode,
-                      "params": [p.detach().tolist() for p in model.parameters()]}
+                      "params": params_of(model)}
             cb.close()
             dist.destroy_process_group()
             results.put(result)
@@ -430,3 +441,76 @@ def test_two_ranks_through_the_trainers_ddp_agree_on_every_change() -> None:
     # counted as Accelerate's DataLoaderShard fetches them: one batch ahead of the steps mid-epoch
     assert got[0]["samples"] == got[1]["samples"] == (steps + 1) * 4
     assert got[0]["errors"] == got[1]["errors"] == 0
+
+
+DDP_MB_BATCH, DDP_MB_STEPS, DDP_MB_OOM_AFTER = 256, 8, 4     # per-device batch; the OOM in step 5, on rank 1
+
+
+def ddp_split_main(port: int, split: bool) -> Callable[..., None]:
+    """One rank of the Trainer's own 2-rank DDP on its own stand-in GPU (float64, SGD with momentum):
+    `split`, with the callback (micro-batches of at most 56 rows; an out-of-memory error in the
+    backward of rank 1's second micro-batch of step 5), else unsplit without it on a big stand-in."""
+    def main(rank: int, store: str, tmp: str, results: Any) -> None:
+        try:
+            ddp_rank_env(rank, port)
+            import torch.distributed as dist
+            root = Path(tmp) / f"r{rank}-{split}"
+            root.mkdir()
+            fake = FakeCuda(1000 * MiB if split else 10**15).install()
+            fake.alloc(100 * MiB)                       # what the model and its optimizer would hold
+            model = Tiny(MemoryLayer(fake, straight(8 * MiB)), dtype=torch.float64)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            cbs: list[Any] = []
+            cb = None
+            if split:
+                cb = callback(root, "hf-ddp-mb", tune=["batch_size", "compression"], sync_every_steps=2)
+
+                class Inject(TrainerCallback):
+                    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                        if rank == 1 and state.global_step == DDP_MB_OOM_AFTER:
+                            fake.inject("backward", 2)
+
+                cbs = [cb, Inject()]
+            n = 2 * DDP_MB_BATCH * DDP_MB_STEPS
+            trainer = Trainer(model=model, args=training_args(root / "out", per_device_train_batch_size=DDP_MB_BATCH,
+                                                              max_steps=DDP_MB_STEPS, learning_rate=0.01,
+                                                              ddp_backend="gloo", ddp_timeout=60),
+                              train_dataset=Items(n, dtype=torch.float64), callbacks=cbs, optimizers=(opt, None))
+            trainer.train()
+            out = {"rank": rank, "params": params_of(model), "rows": sorted(set(model.rows)), "ooms": fake.ooms,
+                   "seen": sorted(set(model.seen)), "forwarded": sum(model.rows), "steps": trainer.state.global_step,
+                   "ddp": type(trainer.model_wrapped).__name__}
+            if cb is not None:
+                hook = cb.hook
+                out.update(knob=hook.knobs.get("micro_batch_size"), recoveries=hook.microbatcher.recoveries,
+                           counted=hook.report()["counters"]["oom_recoveries"], errors=hook.errors,
+                           untunable=dict(hook.untunable), batch=hook.knobs.get("batch_size"),
+                           world=(hook.rank, hook.world_size), ddp_hooked=hook.microbatcher.ddp is not None)
+                cb.close()
+            fake.uninstall()
+            dist.destroy_process_group()
+            results.put(out)
+        except BaseException:  # noqa: BLE001
+            results.put({"rank": rank, "error": traceback.format_exc()})
+    return main
+
+
+def test_two_ranks_split_micro_batches_in_the_trainers_ddp_like_an_unsplit_run() -> None:
+    from daemon_proc import free_port
+    ref = run_ranks(ddp_split_main(free_port(), False), 2, 120, prefix="lt-hf-ddp-ref-")
+    got = run_ranks(ddp_split_main(free_port(), True), 2, 120, prefix="lt-hf-ddp-mb-")
+    for r in (0, 1):
+        assert got[r]["ddp"] == "DistributedDataParallel" and got[r]["world"] == (r, 2), got[r]
+        assert got[r]["ddp_hooked"] and "micro_batch_size" not in got[r]["untunable"], got[r]["untunable"]
+        # the global batch and the step count unchanged: every rank's per-device batch, every step
+        assert got[r]["steps"] == ref[r]["steps"] == DDP_MB_STEPS and got[r]["batch"] == DDP_MB_BATCH
+        assert got[r]["seen"] == ref[r]["seen"]                  # the same samples on each rank
+        assert ref[r]["forwarded"] == DDP_MB_BATCH * DDP_MB_STEPS
+    assert got[0]["ooms"] == 0                                   # the error was rank 1's alone
+    assert got[0]["forwarded"] == DDP_MB_BATCH * DDP_MB_STEPS    # rank 0 did no batch twice
+    assert got[1]["forwarded"] > DDP_MB_BATCH * DDP_MB_STEPS     # rank 1 redid its step-5 batch
+    assert got[1]["counted"] == got[1]["recoveries"] >= 1        # and reports the recovery
+    diff = assert_split_like_unsplit(ref, got, DDP_MB_BATCH)
+    print(f"\nHF Trainer DDP, 2 gloo ranks: micro_batch_size {got[0]['knob']} / {got[1]['knob']} of "
+          f"{DDP_MB_BATCH}; rank 1 OOMs {got[1]['ooms']}, recovered {got[1]['recoveries']}; parameters vs unsplit: "
+          f"max relative difference {diff:.1e}")

@@ -1,6 +1,7 @@
 """Run `rank_main(rank, store, tmp, results)` in `world` forked processes (gloo over a FileStore in
 a temp dir) and collect what each put on `results`; bounded: a rank that hangs is killed and the
-test fails."""
+test fails. `assert_split_like_unsplit` compares two ranks that split micro-batches with the same
+job unsplit (the Lightning and Hugging Face adapter tests share it)."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -43,3 +44,40 @@ def run_ranks(rank_main: Callable[..., None], world: int, timeout: float, prefix
     for r in range(world):
         assert "error" not in got[r], got[r].get("error")
     return got
+
+
+def params_of(module: Any) -> list[Any]:
+    """A module's parameters as plain lists: tensors would cross the results queue through shared
+    memory that the rank frees when it exits."""
+    return [p.detach().tolist() for p in module.parameters()]
+
+
+def max_relative_difference(ref: list[Any], got: list[Any]) -> float:
+    """The largest over parameters of max|ref - got| / max|ref| (float64), from params_of lists."""
+    import torch
+    worst = 0.0
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        assert ta.shape == tb.shape
+        worst = max(worst, float((ta - tb).abs().max() / ta.abs().max()))
+    return worst
+
+
+def assert_split_like_unsplit(ref: dict[int, dict[str, Any]], got: dict[int, dict[str, Any]], batch: int,
+                              oom_rank: int = 1, rel: float = 1e-9) -> float:
+    """Two DDP ranks that split each per-device batch into micro-batches (`got`, an out-of-memory
+    error injected on `oom_rank` only) against the same job unsplit (`ref`). Each rank's result holds
+    params (params_of), rows (the row counts its forwards saw), ooms (the stand-in's errors),
+    recoveries and errors (its hook's), knob (micro_batch_size at the end). Returns the largest
+    relative parameter difference from the unsplit run."""
+    for r in ref:
+        assert ref[r]["rows"] == [batch], ref[r]["rows"]            # unsplit: whole per-device batches
+    assert got[oom_rank]["ooms"] >= 1 and got[oom_rank]["recoveries"] >= 1   # recovered in its step, no hang
+    for r in got:
+        assert got[r]["errors"] == 0, got[r]
+        assert 0 < got[r]["knob"] < batch and max(got[r]["rows"]) < batch, got[r]   # the batches were split
+    assert got[0]["params"] == got[1]["params"]                     # the ranks identical, bit for bit
+    diff = max_relative_difference(ref[0]["params"], got[0]["params"])
+    assert diff < rel, diff
+    return diff
