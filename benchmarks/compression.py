@@ -45,6 +45,8 @@ Runs per link and model (--steps steps each, the first --warmup not timed):
             Figures: plain seconds over tuned seconds of the turns after the warm-up, and the
             tuned model's held-out loss over the plain one's. By default run for the compute-bound
             model only, where it is the do-no-harm check.
+  paired-hooked   (only when asked for) the same with Hook(tune=False): the hook's own cost (its comm
+            hook, its reporter), without the tuner's rank syncs and engine
 
 Figures, each a ratio against `none` of the same link and model measured in this run of the script
 (with --repeat N: N rounds of every run in turn, medians, and the range of the per-round ratios):
@@ -293,7 +295,7 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
         # the batches first: making them is this benchmark's own set-up, which a job's loader does not
         # do before its first step (the hook's first window would count it)
         data: Any = Batches(m, rank, spec.steps)
-        paired = spec.setting == "paired"
+        paired = spec.setting in ("paired", "paired-hooked")
         hook = None
         if spec.setting != "none":          # hooked: Hook(tune=False) at none, the hook's own cost
             from looptune import Hook
@@ -494,7 +496,7 @@ def paired_figures(rs: list[Result], warmup: int) -> Figures:
 
 def figures(rs: list[Result], base: list[Result], m: ModelSpec, warmup: int) -> Figures:
     """Ratios of the median over the repeats of `rs` to the median of `base` (none's repeats)."""
-    if rs and rs[0].setting == "paired":
+    if rs and rs[0].setting.startswith("paired"):
         return paired_figures(rs, warmup)
     ok, bok = [r for r in rs if r.ok], [b for b in base if b.ok]
     if not ok or not bok:
@@ -657,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
                 if x.strip()]
     args.setting_list = ["none"] + [s for s in settings if s != "none"]
     bad = ([x for x in args.link_list if x not in LINKS] + [x for x in args.model_list if x not in MODELS]
-           + [x for x in args.setting_list if x not in ("none", "hooked", "fp16", "bf16", "powersgd", "tuned", "paired")
+           + [x for x in args.setting_list if x not in ("none", "hooked", "fp16", "bf16", "powersgd", "tuned", "paired",
+                                                  "paired-hooked")
               and not (x.startswith("powersgd@") and x[9:].isdigit() and 1 <= int(x[9:]) <= 1024)])
     if bad:
         p.error(f"unknown link(s), model(s) or setting(s): {bad}")

@@ -330,7 +330,9 @@ class Engine:
             job = self.jobs[key] = JobState(run=run, tuners=self._make_tuners(tuners), owner=owner)
         prev = job.last_obs
         job.last_obs = obs
-        if job.window_start is None:
+        if job.window_start is None or not job.window_start.counters.get("steps"):
+            # windows begin at the first report with a step done: the time before it (imports, the model
+            # and the data set up, the process group) is no step and would make a first window look slow
             job.window_start = obs
             return
         if self._changed_outside(key, job, prev, obs):

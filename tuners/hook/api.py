@@ -310,8 +310,7 @@ class Hook:
 
     def _sync_decisions(self) -> None:
         try:
-            self._sync.wire(self.meter)
-            got = self._sync.exchange(self.rank, self._take_pending)
+            got = self._sync.exchange(self.rank, self._take_pending, self.meter)
             if not got:
                 return
             collective = [d for d in got if self._is_collective(d.get("knob"))]

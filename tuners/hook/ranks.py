@@ -1,8 +1,11 @@
 """Rank sync: under torch.distributed rank 0 decides, and every rank applies the same change at
-the same step. One broadcast of rank 0's pending decisions every `sync_every_steps` steps.
-Decided before the first step, the same way on every rank, so the collectives line up."""
+the same step. Every `sync_every_steps` steps one all-gather of two numbers per rank (the comm
+wait since the last sync, the size of rank 0's pending decisions), and a broadcast of those
+decisions when there are any. Decided before the first step, the same way on every rank, so the
+collectives line up."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any, Callable
@@ -42,27 +45,37 @@ class RankSync:
         self.steps += 1
         return self.steps % self.every == 0
 
-    def exchange(self, rank: int, take: Callable[[], list[Any]]) -> list[Any]:
-        """Rank 0's pending decisions (from `take`), on every rank."""
-        import torch.distributed as dist
-        payload: list[Any] = [take() if rank == 0 else None]
-        dist.broadcast_object_list(payload, src=0)
-        return payload[0] or []
+    def exchange(self, rank: int, take: Callable[[], list[Any]], meter: Any = None) -> list[Any]:
+        """Rank 0's pending decisions (from `take`), on every rank; and, where `meter` is given, the
+        ranks' smallest comm wait since the last sync added to its comm_wire_seconds.
 
-    def wire(self, meter: Any) -> None:
-        """The ranks' smallest comm wait since the last sync, added to meter.comm_wire_seconds (one
-        all-reduce, on every rank alike: a rank without DDP timing takes part with 0). A rank that
+        One all-gather of two numbers per sync (this rank's comm wait, and the size of rank 0's
+        decisions); a broadcast of the decisions (JSON) only when there are some. A rank that
         finished backward first waits for the slowest one inside all-reduce; the slowest waits only
         for the wire. So the smallest wait is the wire's part, and compression can shorten only that."""
         import torch
         import torch.distributed as dist
-        total = meter.comm_seconds
+        payload = b""
+        if rank == 0:
+            pending = take()
+            payload = json.dumps(pending, default=str).encode() if pending else b""
+        total = getattr(meter, "comm_seconds", None)
         delta = 0.0 if total is None else max(0.0, total - self._comm_mark)
         self._comm_mark = total or 0.0
-        t = torch.tensor([delta], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        device = collective_device()
+        mine = torch.tensor([delta, float(len(payload))], dtype=torch.float64, device=device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        got = torch.stack(every).cpu()
         if total is not None:
-            meter.comm_wire_seconds = (meter.comm_wire_seconds or 0.0) + float(t.item())
+            meter.comm_wire_seconds = (meter.comm_wire_seconds or 0.0) + float(got[:, 0].min())
+        size = int(got[0, 1])
+        if size == 0:
+            return []
+        buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if rank == 0
+               else torch.empty(size, dtype=torch.uint8, device=device))
+        dist.broadcast(buf, src=0)
+        return json.loads(payload if rank == 0 else bytes(buf.cpu().tolist()))
 
     def agree(self, values: list[Any]) -> bool:
         """True when every rank holds the same `values` as rank 0 (one broadcast, one all-reduce)."""
@@ -70,6 +83,17 @@ class RankSync:
         import torch.distributed as dist
         ref: list[Any] = [values]
         dist.broadcast_object_list(ref, src=0)
-        same = torch.tensor([0 if ref[0] == values else 1], dtype=torch.int32)
+        same = torch.tensor([0 if ref[0] == values else 1], dtype=torch.int32, device=collective_device())
         dist.all_reduce(same)
         return int(same.item()) == 0
+
+
+def collective_device(group: Any = None) -> Any:
+    """Where a small tensor for a collective must live: the current CUDA device under NCCL (it takes
+    no CPU tensors), the CPU otherwise (gloo, or a group with a CPU backend beside NCCL)."""
+    import torch
+    import torch.distributed as dist
+    if str(dist.get_backend(group)) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+

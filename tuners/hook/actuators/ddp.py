@@ -111,9 +111,12 @@ class Dispatch:
         (watch() runs on every rank at the same point)."""
         import torch
         import torch.distributed as dist
+
+        from looptune.tuners.hook.ranks import collective_device
+        device = collective_device(self.group)       # NCCL takes no CPU tensor: that is no refusal of the cast
         for name, dtype in CAST.items():
             try:
-                dist.all_reduce(torch.zeros(2, dtype=getattr(torch, dtype)), group=self.group)
+                dist.all_reduce(torch.zeros(2, dtype=getattr(torch, dtype), device=device), group=self.group)
             except Exception as exc:  # noqa: BLE001 - the backend's own refusal, e.g. gloo without bf16
                 self.unusable[name] = f"{dist.get_backend(self.group)} cannot all-reduce {dtype}: {exc}"[:200]
 
