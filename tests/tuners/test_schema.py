@@ -23,7 +23,7 @@ def report(**counters: Any) -> dict[str, Any]:
 
 def test_every_declared_figure_has_a_source_in_the_meter() -> None:
     m = Meter(on_error=lambda exc: None)
-    m.comm_seconds, m.comm_bytes = 0.25, 4096
+    m.comm_seconds, m.comm_wire_seconds, m.comm_bytes = 0.25, 0.125, 4096
     m.oom_recoveries, m.device_peak_bytes, m.gradient_noise_scale = 1, 2**30, 512.0
     m.step(loss=1.5)
     assert set(m.figures()) == set(schema.BY_NAME)
