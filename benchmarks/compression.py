@@ -47,6 +47,8 @@ Runs per link and model (--steps steps each, the first --warmup not timed):
             model only, where it is the do-no-harm check.
   paired-hooked   (only when asked for) the same with Hook(tune=False): the hook's own cost (its comm
             hook, its reporter), without the tuner's rank syncs and engine
+  paired-null     (only when asked for) the control: both turns plain DDP (a hook exists but watches
+            nothing): what the method reads where there is no difference
 
 Figures, each a ratio against `none` of the same link and model measured in this run of the script
 (with --repeat N: N rounds of every run in turn, medians, and the range of the per-round ratios):
@@ -246,26 +248,28 @@ def paired_steps(spec: Spec, rank: int, hook: Any, data: Any, out: dict[str, Any
     from torch.nn.parallel import DistributedDataParallel as DDP
     m = spec.model
     plain = DDP(make_model(m))
-    tuned = hook.watch(DDP(make_model(m)))
+    null = spec.setting == "paired-null"        # the control: both turns plain, the method's own bias
+    tuned = DDP(make_model(m)) if null else hook.watch(DDP(make_model(m)))
     opts = [torch.optim.SGD(x.parameters(), lr=m.lr, momentum=0.9) for x in (plain, tuned)]
-    src, watched = iter(data), iter(hook.watch(data))
+    src, watched = iter(data), iter(data if null else hook.watch(data))
     times, settings, losses, pairs = [], [], [], []
     for _ in range(spec.steps // BLOCK):
         spent = []
         for which, model, opt, it in ((0, plain, opts[0], src), (1, tuned, opts[1], watched)):
-            if which:
+            if which and not null:
                 hook.meter.restart_step_clock()
             t = time.perf_counter()
             for _ in range(BLOCK):
                 x, y = next(it)
                 if which:
-                    settings.append(hook.comm.setting)
+                    settings.append("none" if null else hook.comm.setting)
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if which:
-                    hook.step(loss=loss.detach())
+                    if not null:
+                        hook.step(loss=loss.detach())
                     times.append(time.perf_counter())
                     losses.append(float(loss.detach()))
             spent.append(time.perf_counter() - t)
@@ -295,7 +299,7 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
         # the batches first: making them is this benchmark's own set-up, which a job's loader does not
         # do before its first step (the hook's first window would count it)
         data: Any = Batches(m, rank, spec.steps)
-        paired = spec.setting in ("paired", "paired-hooked")
+        paired = spec.setting in ("paired", "paired-hooked", "paired-null")
         hook = None
         if spec.setting != "none":          # hooked: Hook(tune=False) at none, the hook's own cost
             from looptune import Hook
@@ -309,7 +313,7 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                 t0 = time.monotonic()
                 paired_steps(spec, rank, hook, data, out)
                 out["seconds"] = time.monotonic() - t0
-            ddp = DDP(make_model(m)) if not paired else hook.module
+            ddp = DDP(make_model(m)) if not paired else None
             if hook is not None and not paired:
                 ddp = hook.watch(ddp)
                 data = hook.watch(data)
@@ -323,7 +327,7 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                     hook.comm.set_setting(setting)
                     if rank_:
                         hook.comm.set_rank(int(rank_))
-            opt = torch.optim.SGD(ddp.parameters(), lr=m.lr, momentum=0.9)
+            opt = torch.optim.SGD(ddp.parameters(), lr=m.lr, momentum=0.9) if ddp is not None else None
             times, settings, losses = [], [], []
             t0 = time.monotonic()
             for x, y in (data if not paired else ()):
@@ -352,7 +356,7 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                 if not paired:
                     with torch.no_grad():
                         out["eval_loss"] = float(torch.nn.functional.mse_loss(ddp.module(xe), ye))
-                if hook is not None:
+                if hook is not None and hook.comm is not None:
                     out["final"] = hook.comm.setting
                     if hook.comm.setting == "powersgd" and hook.comm.get_rank() != 1:
                         out["final"] += f"@{hook.comm.get_rank()}"
@@ -660,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     args.setting_list = ["none"] + [s for s in settings if s != "none"]
     bad = ([x for x in args.link_list if x not in LINKS] + [x for x in args.model_list if x not in MODELS]
            + [x for x in args.setting_list if x not in ("none", "hooked", "fp16", "bf16", "powersgd", "tuned", "paired",
-                                                  "paired-hooked")
+                                                  "paired-hooked", "paired-null")
               and not (x.startswith("powersgd@") and x[9:].isdigit() and 1 <= int(x[9:]) <= 1024)])
     if bad:
         p.error(f"unknown link(s), model(s) or setting(s): {bad}")
