@@ -112,3 +112,16 @@ def test_the_exporter_exports_every_declared_metric() -> None:
         if f.optional:
             assert registry.get_sample_value(name, {"run": "s", "rank": "0"}) is None, name
     assert registry.get_sample_value("looptune_job_comm_wait_seconds_total", {"run": "r", "rank": "0"}) == 0.5
+
+
+def test_the_wire_wait_between_rank_syncs_counts_at_the_last_syncs_share_and_never_falls() -> None:
+    m = Meter(on_error=lambda exc: None)
+    m.comm_seconds = 2.0
+    m.comm_wire_seconds, m.wire_ratio, m.wire_mark = 0.5, 0.25, 2.0       # a sync: 0.5 s of 2 s was the wire
+    assert m.figures()["comm_wire_seconds"] == pytest.approx(0.5)
+    m.comm_seconds = 4.0                                                 # 2 s more waited since, no sync yet
+    assert m.figures()["comm_wire_seconds"] == pytest.approx(1.0)       # counted at the last sync's share
+    m.comm_wire_seconds, m.wire_ratio, m.wire_mark = 0.6, 0.05, 4.0      # the next sync found less
+    assert m.figures()["comm_wire_seconds"] == pytest.approx(1.0)       # a counter: held, not lowered
+    m.comm_seconds = 24.0
+    assert m.figures()["comm_wire_seconds"] == pytest.approx(0.6 + 0.05 * 20.0)

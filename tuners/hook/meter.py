@@ -62,6 +62,9 @@ class Meter:
         self.comm_seconds: float | None = None   # set by the DDP actuator once it times all-reduce
         self.comm_bytes: int | None = None       # set by the DDP actuator: bytes all-reduced
         self.comm_wire_seconds: float | None = None   # set by rank sync: the ranks' smallest comm wait
+        self.wire_ratio = 0.0            # of this rank's comm wait since the last sync, the wire's part
+        self.wire_mark = 0.0             # this rank's comm_seconds at the last sync
+        self._wire_out = 0.0             # the last comm_wire_seconds reported: a counter never falls
         self.oom_recoveries: int | None = None   # set by hook.accumulate once it splits batches
         self.device_peak_bytes: int | None = None
         self.gradient_noise_scale: float | None = None
@@ -109,13 +112,23 @@ class Meter:
             return None
         return value
 
+    def wire_estimate(self) -> float | None:
+        """comm_wire_seconds as of now: the ranks agree on it only every sync_every_steps steps (more
+        than a report apart when steps are long), so between syncs this rank's comm wait since the
+        last one counts at the wire's share the last sync found. Never below a value reported before."""
+        if self.comm_wire_seconds is None or self.comm_seconds is None:
+            return self.comm_wire_seconds
+        est = self.comm_wire_seconds + self.wire_ratio * max(0.0, self.comm_seconds - self.wire_mark)
+        self._wire_out = max(self._wire_out, est)
+        return self._wire_out
+
     def figures(self) -> dict[str, float | None]:
         """The report's figures, keyed as schema.FIGURES declares them."""
         loss = self.read_loss()
         out: dict[str, float | None] = {
             "samples": self.samples, "batches": self.batches, "steps": self.steps,
             "data_wait_seconds": self.data_wait, "step_seconds": self.step_seconds,
-            "comm_seconds": self.comm_seconds, "comm_wire_seconds": self.comm_wire_seconds,
+            "comm_seconds": self.comm_seconds, "comm_wire_seconds": self.wire_estimate(),
             "comm_bytes": self.comm_bytes, "loss": loss,
             "loss_nonfinite": self.loss_nonfinite if self._loss_seen else None,
             "oom_recoveries": self.oom_recoveries, "device_memory_peak_bytes": self.device_peak_bytes,

@@ -68,7 +68,10 @@ class RankSync:
         dist.all_gather(every, mine)
         got = torch.stack(every).cpu()
         if total is not None:
-            meter.comm_wire_seconds = (meter.comm_wire_seconds or 0.0) + float(got[:, 0].min())
+            least = float(got[:, 0].min())
+            meter.comm_wire_seconds = (meter.comm_wire_seconds or 0.0) + least
+            meter.wire_ratio = least / delta if delta > 0 else meter.wire_ratio
+            meter.wire_mark = total
         size = int(got[0, 1])
         if size == 0:
             return []
