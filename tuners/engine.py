@@ -233,12 +233,7 @@ class LossGuard:
         if len(before) < 3 or len(after) < 2:
             return None
         n = len(before)
-        xs = range(n)
-        mx, my = (n - 1) / 2, statistics.fmean(before)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, before)) / sxx
-        resid = [y - (my + slope * (x - mx)) for x, y in zip(xs, before)]
-        spread = 1.4826 * statistics.median(abs(r) for r in resid)
+        slope, mx, my, _, spread = _fit(range(n), before)
         if slope < 0:
             level = statistics.median(before[-3:])
             excess = statistics.median(y - level for y in after)
@@ -282,19 +277,24 @@ class ProgressGuard:
         return None
 
 
+def _fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float, float, float]:
+    """Least-squares line of y over x (x spread out, at least 2 points): slope, the means of x and
+    y, the sum of squared deviations of x, and the residuals' robust spread (1.4826 MAD)."""
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxx = sum((v - mx) ** 2 for v in x)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    resid = [b - (my + slope * (a - mx)) for a, b in zip(x, y)]
+    return slope, mx, my, sxx, 1.4826 * statistics.median(abs(r) for r in resid)
+
+
 def _line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float] | None:
     """Least-squares slope of y over x, its standard error and the residuals' robust spread
     (None for fewer than 3 points or no spread of x). The error takes the larger of the fit's
     residual spread and 1% of the mean (3 residuals of a line can agree by chance)."""
-    if len(x) < 3 or len(x) != len(y):
+    if len(x) < 3 or len(x) != len(y) or max(x) == min(x):
         return None
-    mx, my = statistics.fmean(x), statistics.fmean(y)
-    sxx = sum((v - mx) ** 2 for v in x)
-    if sxx <= 0:
-        return None
-    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
-    resid = [b - (my + slope * (a - mx)) for a, b in zip(x, y)]
-    spread = max(1.4826 * statistics.median(abs(r) for r in resid), 0.01 * abs(my))
+    slope, _, my, sxx, spread = _fit(x, y)
+    spread = max(spread, 0.01 * abs(my))
     return slope, spread / math.sqrt(sxx), spread
 
 
