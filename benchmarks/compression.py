@@ -73,8 +73,8 @@ Goals (the issue's done-when):
 The header gives the host's 1-minute load average at the start and at the end, each row its range
 over the run (the two ranks alone make ~2): the machine may be shared, and every figure moves with it.
 
-    python benchmarks/compression.py                 # 3 links x 2 models x 5 runs, 7-11 minutes on 2 cores
-    python benchmarks/compression.py --quick         # the goals' two cases, none, fp16, tuned (+ paired): ~3 minutes
+    python benchmarks/compression.py                 # 3 links x 2 models x 5 runs (+ paired): ~13 minutes on 2 cores (from the runs' lengths)
+    python benchmarks/compression.py --quick         # the goals' two cases, none, fp16, tuned (+ paired): ~3.5 minutes a round
     python benchmarks/compression.py --links 1gbit --models wire --steps 200
     python benchmarks/compression.py --links loopback --models compute --settings none,hooked,tuned --repeat 6
     python benchmarks/compression.py --tuner-config '{"window_seconds": 0.5}'   # NOT the defaults: reported
@@ -139,7 +139,8 @@ class ModelSpec:
 
 MODELS = {
     "wire": ModelSpec("wire", "wire-bound", (1024, 4096, 1024), 32, 0.3, 120, 120),
-    "compute": ModelSpec("compute", "compute-bound", (128, 256, 256, 128), 4096, 0.3, 100, 100),
+    # 400 steps: ~18 s a run (45 ms a step), warm well past the hook's first windows
+    "compute": ModelSpec("compute", "compute-bound", (128, 256, 256, 128), 4096, 0.3, 400, 400),
 }
 
 
@@ -477,6 +478,11 @@ def _rates(r: Result, m: ModelSpec, warmup: int) -> tuple[float | None, float | 
     return r.rate(warmup - 1, n - 1, m.batch), r.rate(n - 1 - max(2, n // 4), n - 1, m.batch)
 
 
+def timed_pairs(r: Result, warmup: int) -> list[tuple[float, float]]:
+    """A paired run's turns after those that hold the warm-up steps (at least the first)."""
+    return r.pairs[max(1, -(-warmup // BLOCK)):] or r.pairs
+
+
 def paired_figures(rs: list[Result], warmup: int) -> Figures:
     """`paired` runs: plain seconds over tuned seconds of the blocks after the warm-up (whole) and of
     the last quarter of the blocks (end), the tuned model's held-out loss over the plain one's; the
@@ -485,7 +491,7 @@ def paired_figures(rs: list[Result], warmup: int) -> Figures:
     for r in rs:
         if not r.ok or not r.pairs:
             continue
-        p = r.pairs[max(1, -(-warmup // BLOCK)):] or r.pairs
+        p = timed_pairs(r, warmup)
         last = p[-max(1, len(p) // 4):]
         per.append((sum(a for a, _ in p) / sum(b for _, b in p), sum(a for a, _ in last) / sum(b for _, b in last),
                     ratio(r.eval_loss, r.plain_eval_loss)))
@@ -520,7 +526,7 @@ def figures(rs: list[Result], base: list[Result], m: ModelSpec, warmup: int) -> 
 
 def ms_per_step(r: Result, warmup: int) -> float | None:
     if r.pairs:        # paired: the tuned model's blocks only
-        p = r.pairs[max(1, -(-warmup // BLOCK)):] or r.pairs
+        p = timed_pairs(r, warmup)
         return sum(b for _, b in p) / (len(p) * BLOCK) * 1e3
     n = len(r.times)
     return (r.times[-1] - r.times[warmup - 1]) / (n - warmup) * 1e3 if r.ok and n > warmup else None
@@ -641,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=None, help="comma list of none, hooked, fp16, bf16, powersgd, powersgd@R (at "
                    "powersgd_rank R), tuned (default none,fp16,bf16,powersgd,tuned; --quick: none,fp16,tuned); "
                    "none is always run: every ratio needs it")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default: wire 120, compute 100; "
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: wire 120, compute 400; "
                    "the same with --quick)")
     p.add_argument("--warmup", type=int, default=5, help="first steps not timed (default 5)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of every run (default 1): figures are medians, "

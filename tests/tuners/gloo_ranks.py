@@ -15,6 +15,17 @@ from typing import Any, Callable
 import pytest
 
 
+def join(rank: int, world: int, store: str, timeout: float = 60.0) -> None:
+    """In a rank: one torch thread, and the gloo group over the FileStore at `store`."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout))
+
+
 def run_ranks(rank_main: Callable[..., None], world: int, timeout: float, prefix: str = "lt-ranks-") -> dict[int, dict[str, Any]]:
     ctx = mp.get_context("fork")        # the ranks inherit the imported torch: no re-import per rank
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import traceback
-from datetime import timedelta
 from typing import Any
 
 import torch
 
-from gloo_ranks import run_ranks
+from gloo_ranks import join, run_ranks
 
 WORLD = 2
 STEPS = 8
@@ -52,9 +51,7 @@ def rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
         from looptune import Hook
         from looptune.tuners.bottleneck import verdict
         from looptune.tuners.engine import Observation, _window
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=60))
+        join(rank, WORLD, store)
         plain = DDP(model())
         train(plain, rank)
         hook = Hook(run="ddp-comm", socket=os.path.join(tmp, f"nobody-{rank}.sock"),
@@ -105,9 +102,7 @@ def wire_rank_main(rank: int, store: str, tmp: str, results: Any, straggle: bool
         from looptune import Hook
         from looptune.tuners.bottleneck import verdict
         from looptune.tuners.engine import Observation, _window
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=60))
+        join(rank, WORLD, store)
         # tuning on (rank sync every 2 steps), no tuner enabled: figures only, no change
         hook = Hook(run="ddp-wire", socket=os.path.join(tmp, f"nobody-{rank}.sock"),
                     config={"hook": {"sync_every_steps": 2},

@@ -10,23 +10,15 @@ from __future__ import annotations
 import os
 import random
 import traceback
-from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
 
-from gloo_ranks import run_ranks
+from gloo_ranks import join, run_ranks
 
 TIMEOUT = 240
 SETTINGS = ("none", "fp16", "bf16", "powersgd")
-
-
-def init(rank: int, world: int, store: str) -> None:
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
 
 
 def make_hook(tmp: str, rank: int, run: str) -> Any:
@@ -41,7 +33,7 @@ def switching_main(world: int, fail_on_rank1_at: int) -> Any:
         try:
             import torch.distributed as dist
             from torch.nn.parallel import DistributedDataParallel as DDP
-            init(rank, world, store)
+            join(rank, world, store)
             hook = make_hook(tmp, rank, "switch")
             try:
                 torch.manual_seed(0)
@@ -101,7 +93,7 @@ def convex_main(setting: str, steps: int) -> Any:
         try:
             import torch.distributed as dist
             from torch.nn.parallel import DistributedDataParallel as DDP
-            init(rank, 2, store)
+            join(rank, 2, store)
             hook = make_hook(tmp, rank, "convex")
             try:
                 # least squares: y = x A + noise, a 64 -> 16 linear model; convex in its weights

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import traceback
-from datetime import timedelta
 from typing import Any
 
 import torch
 
-from gloo_ranks import run_ranks
+from gloo_ranks import join, run_ranks
 from tests.fakes.fake_cuda import FakeCuda, MemoryLayer, MiB, straight
 
 WORLD = 2
@@ -41,9 +40,7 @@ def rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from looptune import Hook
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=90))
+        join(rank, WORLD, store, timeout=90)
         data = batches(rank)
         # the reference: plain DDP, whole batches, on a device big enough
         big = FakeCuda(10**13).install()
