@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from looptune import schema
 from looptune.collectors.hookjobs import REJECT_REASONS
 from looptune.daemon import config as cfg
 from looptune.daemon.service import Daemon
@@ -561,7 +562,8 @@ def test_bad_hello_fields_are_invalid(env: Env) -> None:
 bad_report_fields = st.one_of(
     st.just({"step_hist": [0] * (NBUCKETS - 1)}), st.just({"step_hist": [0] * (NBUCKETS + 1)}),
     st.lists(st.integers(max_value=-1), min_size=NBUCKETS, max_size=NBUCKETS).map(lambda h: {"step_hist": h}),
-    st.sampled_from(["samples", "batches", "steps", "data_wait_seconds", "step_seconds"]).flatmap(
+    # every declared counter, the optional ones too (comm_wire_seconds, oom_recoveries, ...)
+    st.sampled_from([f.name for f in schema.FIGURES if f.kind == schema.COUNTER]).flatmap(
         lambda k: st.one_of(st.integers(max_value=-1), st.booleans(), st.text(max_size=3), st.just(10 ** 400),
                             st.just(1e19)).map(lambda v: {"counters": {**report_msg(2)["counters"], k: v}})),
     st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: re.fullmatch(r"[a-z][a-z0-9_]{0,63}", k) is None),
@@ -574,13 +576,15 @@ bad_report_fields = st.one_of(
 )
 
 
-def test_bad_reports_after_hello_are_invalid(env: Env) -> None:
+@pytest.mark.parametrize("who", ["root", "nobody"])
+def test_bad_reports_after_hello_are_invalid(env: Env, who: str) -> None:
     runs = iter(range(10 ** 6))
+    agent = getattr(env, who)
 
     def send(over: dict[str, Any]) -> dict[str, Any]:
         # a job of the agent's own: hello and one good report, then the bad one
-        hello = enc(hello_msg(f"bad-report-{next(runs)}", env.root.pid))
-        res = env.root.session(hello + enc(report_msg(2)) + enc(report_msg(2, **over)))
+        hello = enc(hello_msg(f"bad-report-{who}-{next(runs)}", agent.pid))
+        res = agent.session(hello + enc(report_msg(2)) + enc(report_msg(2, **over)))
         assert json.loads(res["lines"][0])["type"] == "welcome", res
         return res
     fuzz_rejections(env, bad_report_fields, "invalid", send=send)
