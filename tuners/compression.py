@@ -2,7 +2,8 @@
 bottleneck, and kept only where it pays.
 
 It proposes only on a `communication` verdict (the share of step time a rank waits on gradient
-all-reduce after backward). The cheap settings first: bf16, else fp16 (a cast for the wire), then
+all-reduce after backward) that holds: the median share of the last `windows` windows must reach
+`min_comm_share` too, so one window a host stall lengthened starts no trial. The cheap settings first: bf16, else fp16 (a cast for the wire), then
 PowerSGD at the job's powersgd_rank. Each is a trial the engine measures: kept when samples/s
 gains by the engine's bar with the loss healthy: a non-finite loss or one clearly above its trend
 rolls back at once, and so does a loss that falls per step less than half as fast as before the
@@ -15,6 +16,7 @@ without it) fails its trial with the reason, and the next one is tried.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from looptune.options import opt
@@ -38,6 +40,8 @@ class CompressionOptions:
                           lo=0, hi=1024)
     min_comm_share: float = opt(0.15, "Communication share of step time below which no trial starts.",
                                 lo=0, hi=1)
+    windows: int = opt(3, "Windows in a row whose median communication share must reach min_comm_share "
+                          "before a trial (one slow window is no bottleneck).", lo=1, hi=100)
     powersgd_after_steps: int = opt(1000, "Steps the job runs before PowerSGD is tried: early training "
                                           "loses the most to a low-rank gradient.", lo=0, hi=10**9)
 
@@ -54,6 +58,7 @@ class CompressionTuner(TunerBase):
         self.order = list(o.settings)
         self.retry_rank = int(o.retry_rank)
         self.min_share = float(o.min_comm_share)
+        self.windows = int(o.windows)
         self.powersgd_after = int(o.powersgd_after_steps)
         self.tried: set[str] = set()
         self.retry_pending = False       # PowerSGD failed its loss: raise the rank, then try it again
@@ -64,8 +69,10 @@ class CompressionTuner(TunerBase):
         if not isinstance(cur, str) or ctx.verdict != "communication":
             return None
         share = ctx.window.comm_share or 0.0
-        if share < self.min_share:
+        recent = [w.comm_share or 0.0 for w in ctx.windows[-self.windows:]]
+        if share < self.min_share or len(recent) < self.windows or statistics.median(recent) < self.min_share:
             return None
+        share = statistics.median(recent)
         why = f"communication-bound ({share:.0%} of step time waiting on gradient all-reduce)"
         if self.retry_pending:
             rank = ctx.obs.knobs.get("powersgd_rank")

@@ -1,6 +1,7 @@
-"""Communication share of a DDP job: `hook.watch(ddp_model)` times gradient all-reduce with its
-own comm hook (DDP's default averaging, timed), so a job that waits on the wire gets the
-`communication` verdict. Two real gloo ranks (forked, FileStore), bounded in time.
+"""Communication share of a DDP job: `hook.watch(ddp_model)` times gradient all-reduce with DDP's
+own timer (its C++ all-reduce untouched: no comm hook until the first grad_compression switch),
+so a job that waits on the wire gets the `communication` verdict. Two real gloo ranks (forked,
+FileStore), bounded in time.
 
 The gradients must be exactly those of DDP without the hook: the same parameters after the
 same steps, on both ranks.
@@ -62,7 +63,7 @@ def rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
             first, last = train(ddp, rank, hook)
             a, b = (Observation(time=float(i), counters=r["counters"], knobs={}) for i, r in enumerate((first, last)))
             w = _window(a, b)
-            result = {"rank": rank, "same": same, "errors": hook.errors,
+            result = {"rank": rank, "same": same, "errors": hook.errors, "comm_hooks": len(ddp._comm_hooks),
                       "equal": all(torch.equal(p, q) for p, q in zip(plain.parameters(), ddp.parameters())),
                       "counters": last["counters"], "comm_share": w.comm_share, "verdict": verdict(w)}
         finally:
@@ -78,6 +79,7 @@ def test_ddp_all_reduce_is_timed_and_the_gradients_are_unchanged() -> None:
     for r in range(WORLD):
         res = got[r]
         assert res["same"] and res["errors"] == 0
+        assert res["comm_hooks"] == 0, "a comm hook registered at none: DDP's C++ all-reduce should run"
         assert res["equal"], f"rank {r}: parameters differ from DDP without the hook"
         c = res["counters"]
         assert 0 < c["comm_seconds"] < c["step_seconds"]
@@ -154,3 +156,87 @@ def test_a_job_waiting_on_the_wire_keeps_its_communication_verdict() -> None:
         assert r["errors"] == 0
         assert r["wire"] >= 0.3 and r["verdict"] == "communication", r
         assert r["wire"] <= r["own"] + 1e-9, r
+
+
+# ---- the comm hook: registered at the first switch; a job's own one left alone ----
+
+def hooks_rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
+    try:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from looptune import Hook
+        from looptune.tuners.hook.actuators.ddp import OWN_HOOK, dispatch
+        join(rank, WORLD, store)
+
+        def make_hook(name: str) -> Any:
+            return Hook(run=name, socket=os.path.join(tmp, f"nobody-{rank}.sock"),
+                        config={"tuners": {"enabled": [], "state_file": os.path.join(tmp, f"{name}-{rank}.json")}})
+
+        out: dict[str, Any] = {"rank": rank}
+        # 1. none -> fp16 -> none: the dispatcher comes at the switch, and stays
+        hook = make_hook("switch")
+        ddp = hook.watch(DDP(model()))
+        train(ddp, rank, hook)
+        out["before"] = len(ddp._comm_hooks)
+        hook.comm.set_setting("fp16")
+        out["after"] = [h for h, _ in ddp._comm_hooks] == [dispatch]
+        sent = hook.meter.comm_bytes
+        train(ddp, rank, hook)
+        out["fp16_bytes"] = hook.meter.comm_bytes - sent
+        hook.comm.set_setting("none")
+        sent = hook.meter.comm_bytes
+        train(ddp, rank, hook)
+        out["none_bytes"] = hook.meter.comm_bytes - sent
+        out["grad_bytes"] = hook.comm.grad_bytes
+        out["still"] = len(ddp._comm_hooks)
+        out["errors"] = hook.errors
+        hook.close()
+        # 2. the job's own built-in hook before watch: untunable, not replaced
+        hook = make_hook("builtin")
+        own = DDP(model())
+        own._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
+        hook.watch(own)
+        train(own, rank, hook)
+        out["builtin"] = (hook.comm, hook.untunable.get("grad_compression"), "grad_compression" in hook.knobs)
+        hook.close()
+        # 3. the job's own Python hook after watch: the switch fails with the reason, the job's hook runs
+        hook = make_hook("late")
+        late = hook.watch(DDP(model()))
+        calls = [0]
+
+        def mine(state, bucket):  # type: ignore[no-untyped-def] - DDP reads the annotations: none here
+            calls[0] += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        late.register_comm_hook(None, mine)
+        try:
+            hook.comm.set_setting("bf16" if "bf16" not in hook.comm.unusable else "fp16")
+            out["late"] = "switched"
+        except ValueError as exc:
+            out["late"] = str(exc)
+        train(late, rank, hook)
+        out["late_calls"], out["late_setting"] = calls[0], hook.comm.setting
+        out["late_unusable"] = hook.comm.unusable.get("fp16", "")
+        hook.close()
+        out["own_hook"] = OWN_HOOK
+        dist.destroy_process_group()
+        results.put(out)
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        results.put({"rank": rank, "error": traceback.format_exc()})
+
+
+def test_the_comm_hook_comes_at_the_first_switch_and_a_jobs_own_hook_is_left_alone() -> None:
+    got = run_ranks(hooks_rank_main, WORLD, TIMEOUT, prefix="lt-hooks-")
+    for r in got.values():
+        assert r["before"] == 0 and r["after"] and r["still"] == 1, r
+        assert r["errors"] == 0
+        # bytes: fp16 halves what DDP's own all-reduce sends; back at none, every gradient in float32
+        assert r["none_bytes"] == STEPS * r["grad_bytes"], r
+        assert r["fp16_bytes"] == STEPS * r["grad_bytes"] // 2, r
+        comm, why, knob = r["builtin"]
+        assert comm is None and why == r["own_hook"] and not knob
+        assert r["late"].startswith("grad_compression") and r["own_hook"] in r["late"], r["late"]
+        assert r["late_calls"] > 0 and r["late_setting"] == "none"
+        assert r["own_hook"] in r["late_unusable"]

@@ -114,6 +114,7 @@ def convex_main(setting: str, steps: int) -> Any:
                     torch.nn.functional.mse_loss(ddp(xs[idx]), ys[idx]).backward()
                     opt.step()
                     opt.zero_grad()
+                    hook.step()           # counts DDP's own all-reduce (none) from its timer
                 with torch.no_grad():
                     final = float(torch.nn.functional.mse_loss(ddp.module(xs), ys))
                 result = {"rank": rank, "loss": final, "bytes": hook.meter.comm_bytes}

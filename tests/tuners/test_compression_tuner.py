@@ -11,12 +11,17 @@ from looptune.tuners.compression import CompressionOptions, CompressionTuner
 from looptune.tuners.engine import Context, Observation, Settings
 
 
+def window(share: float) -> Window:
+    return Window(seconds=1.0, samples_per_second=100.0, data_wait_share=0.0, step_seconds_mean=0.1, comm_share=share)
+
+
 def ctx(setting: Any = "none", verdict: str = "communication", share: float = 0.5, rank: int = 1,
-        untunable: dict[str, str] | None = None, steps: int = 5000) -> Context:
+        untunable: dict[str, str] | None = None, steps: int = 5000, before: tuple[float, ...] = (0.5, 0.5)) -> Context:
+    """The latest window at `share`, after windows at `before`."""
     obs = Observation(time=0.0, counters={"steps": steps}, knobs={"grad_compression": setting, "powersgd_rank": rank},
                       untunable=untunable or {})
-    w = Window(seconds=1.0, samples_per_second=100.0, data_wait_share=0.0, step_seconds_mean=0.1, comm_share=share)
-    return Context("r", obs, w, [w], verdict, Settings())
+    w = window(share)
+    return Context("r", obs, w, [*map(window, before), w], verdict, Settings())
 
 
 def test_no_trial_unless_communication_bound() -> None:
@@ -25,6 +30,14 @@ def test_no_trial_unless_communication_bound() -> None:
     assert t.propose(ctx(verdict="input")) is None
     assert t.propose(ctx(share=0.05)) is None             # below min_comm_share
     assert t.propose(ctx(setting=None)) is None           # no DDP model watched
+
+
+def test_one_slow_window_starts_no_trial() -> None:
+    t = CompressionTuner()
+    assert t.propose(ctx(share=0.4, before=(0.05, 0.07))) is None     # a stall in one window: median 7%
+    assert t.propose(ctx(share=0.4, before=(0.5,))) is None           # not three windows yet
+    p = t.propose(ctx(share=0.4, before=(0.05, 0.3)))                 # median 30%: it holds
+    assert p is not None and p.value == "bf16" and "30%" in p.reason
 
 
 def test_cheap_settings_first_and_one_cast_at_most() -> None:

@@ -190,6 +190,11 @@ class Hook:
 
         `loss`: the step's loss, a float or a 0-dim tensor (read at report time, no device sync here).
         """
+        if self.comm is not None and not self.meter.off:
+            try:      # DDP's timer: the last backward's wait for gradient communication, before rank sync reads it
+                self.comm.poll()
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc)
         if self._sync.every and self._sync.tick():
             # every rank, a disabled hook too, takes part in the same collectives at the same steps
             self._sync_decisions()

@@ -1,72 +1,84 @@
-"""Hook.watch for a model: the first watched module is the job's model; a DistributedDataParallel
-one gets looptune's one comm hook, registered once: it averages each bucket across ranks under
-the current `grad_compression` setting (none: DDP's own average; fp16 / bf16: cast for the wire;
-powersgd: low-rank with error feedback, actuators/powersgd.py) and times it, so the job reports
-how long each step waits for gradient communication after backward (`comm_seconds`: what the
-`communication` verdict reads) and the bytes it sent (`comm_bytes`). Switching is a knob with a
-collective actuator: every rank applies it at the same step boundary, or none does.
+"""Hook.watch for a model: the first watched module is the job's model. A DistributedDataParallel
+one gets the knob `grad_compression`: how each gradient bucket is averaged across ranks (none:
+DDP's own all-reduce; fp16 / bf16: cast for the wire; powersgd: low-rank with error feedback,
+actuators/powersgd.py). Switching is a knob with a collective actuator: every rank applies it at
+the same step boundary, or none does.
 
-The exposed wait of one backward pass is from the launch of the last bucket (backward compute is
-done then) until every bucket's all-reduce has completed; overlapped communication is not
-counted. Callbacks run on the process group's threads: one small lock per bucket.
+At `none` nothing of looptune's runs in backward: DDP's C++ all-reduce averages the gradients.
+looptune's one comm hook (a Python call and a future callback per bucket) is registered only at
+the first switch away from `none` (DDP takes one comm hook, at any step), and stays.
+
+The wait is DDP's own timer (its runtime stats, every iteration on CPU): the exposed wait of one
+backward pass is from the end of backward compute until every bucket's all-reduce has completed;
+overlapped communication is not counted. `poll()` (each hook.step) adds it to `comm_seconds`
+(what the `communication` verdict reads) and the bytes sent to `comm_bytes`.
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
 log = logging.getLogger("looptune.hook")
 
-
-class CommTimer:
-    """The comm hook's state: buckets in flight in this backward pass and their times."""
-
-    def __init__(self, meter: Any, process_group: Any = None) -> None:
-        self.meter = meter
-        self.process_group = process_group
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._last_launch: float | None = None
-        self._done = 0.0
-        meter.comm_seconds = 0.0
-
-    def launched(self, last: bool) -> None:
-        with self._lock:
-            self._in_flight += 1
-            if last:
-                self._last_launch = time.perf_counter()
-
-    def finished(self) -> None:
-        t = time.perf_counter()
-        with self._lock:
-            self._in_flight -= 1
-            self._done = max(self._done, t)
-            if self._in_flight == 0 and self._last_launch is not None:
-                self.meter.comm_seconds += max(0.0, self._done - self._last_launch)
-                self._last_launch = None
-                self._done = 0.0
-
-
 SETTINGS = ("none", "fp16", "bf16", "powersgd")
 CAST = {"fp16": "float16", "bf16": "bfloat16"}
+# DDP's runtime stats: every iteration on CPU (a clock read each); on CUDA each sampled iteration
+# synchronises its events at the next forward, so one in ten, the others counted at its wait
+SAMPLE_EVERY = {"cpu": 1}
+SAMPLE_EVERY_OTHER = 10
+OWN_HOOK = "the job registered its own DDP comm hook"
+
+
+def own_comm_hook(module: Any) -> str | None:
+    """The comm hook the job registered on `module` itself (Python or built-in), or None."""
+    hooks = getattr(module, "_comm_hooks", None)
+    if hooks:
+        return getattr(hooks[0][0], "__qualname__", repr(hooks[0][0]))
+    try:
+        return module.logger._get_ddp_logging_data().strs_map.get("comm_hook") or None
+    except Exception:  # noqa: BLE001 - no logger: nothing registered through it
+        return None
 
 
 class Dispatch:
-    """The comm hook's state: the setting every rank runs now, its implementations, the timer."""
+    """A watched DDP model's comm state: the setting every rank runs now, its implementations,
+    and the reading of DDP's timer."""
 
-    def __init__(self, meter: Any, process_group: Any) -> None:
+    def __init__(self, meter: Any, module: Any) -> None:
         import torch.distributed as dist
-        self.timer = CommTimer(meter, process_group)
         self.meter = meter
-        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.module = module
+        self.group = module.process_group if module.process_group is not None else dist.group.WORLD
         self.world = self.group.size()
         self.setting = "none"
+        self.registered = False                    # looptune's comm hook on the model (from the first switch)
         self.unusable: dict[str, str] = {}          # setting -> why this job cannot use it
         from looptune.tuners.hook.actuators.powersgd import PowerSGD
         self.powersgd = PowerSGD(rank=1)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.grad_bytes = sum(p.numel() * p.element_size() for p in params)
+        device = params[0].device.type if params else "cpu"
+        module._set_ddp_runtime_logging_sample_rate(SAMPLE_EVERY.get(device, SAMPLE_EVERY_OTHER))
+        self._iteration = 0          # DDP's iteration last counted
+        self._comm_end = None        # its host time of that iteration's comm end: a backward counted once
+        meter.comm_seconds = 0.0
         meter.comm_bytes = 0
+
+    def poll(self) -> None:
+        """The training thread, each step: DDP's timer's latest backward, once. Sampled iterations
+        stand for those since the last one (every iteration is sampled on CPU)."""
+        stats = self.module.logger._get_ddp_logging_data().ints_map
+        iteration = stats.get("iteration", 0)
+        end = stats.get("backward_comm_time_end")
+        if iteration <= self._iteration or end is None or end == self._comm_end:
+            return
+        n, self._iteration, self._comm_end = iteration - self._iteration, iteration, end
+        exposed = (stats.get("backward_comm_time", 0) - stats.get("backward_compute_comm_overlap_time", 0)) / 1e9
+        m = self.meter
+        m.comm_seconds = (m.comm_seconds or 0.0) + max(0.0, exposed) * n
+        if not self.registered:        # DDP's own all-reduce: every gradient, uncompressed
+            m.comm_bytes = (m.comm_bytes or 0) + self.grad_bytes * n
 
     # the actuators (the training thread, at a step boundary: no backward in flight)
 
@@ -78,6 +90,14 @@ class Dispatch:
             raise ValueError(f"grad_compression must be one of {', '.join(SETTINGS)}, not {value!r}")
         if value in self.unusable:
             raise ValueError(f"grad_compression {value} cannot be used here: {self.unusable[value]}")
+        if value != "none" and not self.registered:
+            try:
+                self.module.register_comm_hook(self, dispatch)
+            except RuntimeError as exc:     # a hook registered after watch(): DDP takes one
+                for name in SETTINGS[1:]:
+                    self.unusable[name] = f"{OWN_HOOK}: {exc}"[:200]
+                raise ValueError(f"grad_compression {value} cannot be used here: {self.unusable[value]}") from exc
+            self.registered = True
         self.powersgd.reset()      # errors and Q of an earlier PowerSGD period mean nothing now
         self.setting = value
 
@@ -146,23 +166,21 @@ class FlatBucket:
 
 
 def dispatch(state, bucket):  # type: ignore[no-untyped-def]
-    """The one comm hook: DDP's average under the current setting, timed, bytes counted.
-    Unannotated on purpose: DDP checks a comm hook's annotations, and under `from __future__
-    import annotations` they would be strings."""
+    """The one comm hook: DDP's average under the current setting, bytes counted (DDP's timer
+    times the wait). Unannotated on purpose: DDP checks a comm hook's annotations, and under
+    `from __future__ import annotations` they would be strings."""
     import torch
     setting = state.setting
     buf = bucket.buffer()
     if setting == "powersgd":
-        # synchronous: backward waits for all of it, so all of it is exposed communication
+        # synchronous, inside backward: DDP's timer counts it as compute, so it is added here
         t0 = time.perf_counter()
         out, sent = state.powersgd(bucket, state.group, state.world)
         state.meter.comm_bytes += sent
-        if state.meter.comm_seconds is not None:
-            state.meter.comm_seconds += time.perf_counter() - t0
+        state.meter.comm_seconds += time.perf_counter() - t0
         fut = torch.futures.Future()
         fut.set_result(out)
         return fut
-    state.timer.launched(bucket.is_last())
     if setting in CAST:
         wire = buf.to(getattr(torch, CAST[setting])).div_(state.world)
     else:
@@ -172,7 +190,6 @@ def dispatch(state, bucket):  # type: ignore[no-untyped-def]
     fut = state.group.allreduce([wire]).get_future()
 
     def done(f: Any) -> Any:
-        state.timer.finished()
         value = f.value()[0]
         if value is not buf:
             buf.copy_(value)
@@ -186,18 +203,14 @@ def watch(hook: Any, module: Any) -> Any:
     if hook.module is None:
         hook.module = module
         if isinstance(module, DistributedDataParallel):
-            state = Dispatch(hook.meter, module.process_group)
-            try:
-                module.register_comm_hook(state, dispatch)
-            except RuntimeError as exc:
-                # the user registered a comm hook already (DDP allows one): left alone, not timed
-                hook.meter.comm_seconds = None
-                hook.meter.comm_bytes = None
-                why = "the job registered its own DDP comm hook"
-                hook.untunable["grad_compression"] = why
-                hook.untunable["powersgd_rank"] = why
-                log.info("looptune: communication not timed, grad_compression untunable (%s)", exc)
+            own = own_comm_hook(module)
+            if own is not None:
+                # DDP takes one comm hook: the job's is left alone, and its wait not timed
+                hook.untunable["grad_compression"] = OWN_HOOK
+                hook.untunable["powersgd_rank"] = OWN_HOOK
+                log.info("looptune: communication not timed, grad_compression untunable (%s: %s)", OWN_HOOK, own)
                 return module
+            state = Dispatch(hook.meter, module)
             state.probe()
             hook.add_actuator("grad_compression", state.get_setting, state.set_setting, collective=True)
             hook.add_actuator("powersgd_rank", state.get_rank, state.set_rank, collective=True)
