@@ -229,6 +229,7 @@ class Result:
     cpu_ms: float | None = None                               # rank 0: process CPU per timed step
     pairs: list[tuple[float, float]] = field(default_factory=list)   # paired: (plain, tuned) seconds per block
     plain_eval_loss: float | None = None                      # paired: the plain model's held-out loss
+    thread_ms_per_s: float | None = None                      # rank 0: the hook thread's CPU ms per second of run
 
     def rate(self, first: int, last: int, batch: int) -> float | None:
         """Samples/s (both ranks) over steps first..last (indices into times)."""
@@ -350,6 +351,8 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                           if len(times) > spec.warmup else None)
                 out.update(times=times, settings=settings, losses=losses, seconds=time.monotonic() - t0,
                            cpu_ms=cpu_ms)
+            if hook is not None:
+                out["thread_ms_per_s"] = thread_cpu_ms(hook) / max(1e-9, out.get("seconds", 0.0))
             if hook is not None and hook.meter.comm_bytes:
                 out["comm_mb_per_step"] = hook.meter.comm_bytes / max(1, hook.meter.steps) / 1e6
             if rank == 0:
@@ -379,6 +382,14 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
         results.put(out)
     except BaseException:  # noqa: BLE001
         results.put({"rank": rank, "error": traceback.format_exc()})
+
+
+def thread_cpu_ms(hook: Any) -> float:
+    """CPU the hook's background thread (reports, the embedded engine's ticks) has used, in ms: it
+    runs beside the training thread, so `paired` spreads it over both turns; this says how much."""
+    tid = hook._channel._thread.native_id
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e6
 
 
 def run_once(spec: Spec) -> Result:
@@ -424,6 +435,7 @@ def run_once(spec: Spec) -> Result:
     res.history, res.windows = r0.get("history", []), r0.get("windows", [])
     res.comm_mb_per_step = r0.get("comm_mb_per_step")
     res.cpu_ms = r0.get("cpu_ms")
+    res.thread_ms_per_s = r0.get("thread_ms_per_s")
     res.pairs = [tuple(p) for p in r0.get("pairs", [])]
     res.plain_eval_loss = r0.get("plain_eval_loss")
     return res
@@ -607,6 +619,9 @@ def report(results: Results, args: argparse.Namespace, load: tuple[float, float]
                 mb = _median([r.comm_mb_per_step for r in ok])
                 if mb is not None:
                     notes.append(f"{mb:.2f} MB/step sent")
+                th = _median([r.thread_ms_per_s for r in ok])
+                if th is not None and setting in ("tuned", "paired", "paired-hooked", "hooked"):
+                    notes.append(f"hook thread {th:.1f} ms CPU/s")
                 if len(ok) < len(rs):
                     notes.append(f"{len(rs) - len(ok)} round(s) failed: {next(r.why for r in rs if not r.ok)}")
                 loads = [x for r in ok for x in r.load]

@@ -12,8 +12,8 @@ does with the Trainer:
   before torch.distributed is up too; the rank sync is decided when the model is watched (the fit
   has started: the process group exists by then).
 - the model (`on_fit_start`): `hook.watch(trainer.strategy.model)`: under Lightning's DDP strategy
-  the DistributedDataParallel model gets looptune's comm hook (`grad_compression`, communication
-  timing).
+  the DistributedDataParallel model gets `grad_compression` (looptune's comm hook from the first
+  switch) and its communication timed.
 - the train DataLoader (`on_train_start`): Lightning's own CombinedLoader is given the watched
   loader in place of the DataLoader, and the epoch Lightning already started (it calls iter() on
   its loader before any callback runs) goes on watched (`WatchedLoader.adopt`): data wait and
@@ -149,7 +149,7 @@ class LooptuneCallback(pl.Callback):
         hook = self.hook
         model = trainer.strategy.model
         if model is not None and hook.module is None:
-            hook.watch(model)       # DDP: looptune's comm hook; every rank is here at the same point
+            hook.watch(model)       # DDP: grad_compression; every rank is here at the same point
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._last_step = trainer.global_step

@@ -37,8 +37,8 @@ run/rank labels. Thin over the hook; what it does through the Trainer:
   batch's token count: `num_items_in_batch`); an out-of-memory error is recovered inside the step,
   training never restarts. Left unsplit (with the reason) under DeepSpeed, FSDP and other
   non-DDP setups, DataParallel, and a Trainer subclass with its own `training_step`.
-- **Gradient compression.** The DDP-wrapped model (`trainer.model_wrapped`) is watched: the
-  hook's comm hook carries `grad_compression` / `powersgd_rank`, switched on every rank at the same
+- **Gradient compression.** The DDP-wrapped model (`trainer.model_wrapped`) is watched:
+  `grad_compression` / `powersgd_rank`, switched on every rank at the same
   step.
 - **Checkpoints.** The callback is an `ExportableState`: the Trainer writes `hook.state_dict()`
   (each knob's settled value) into `trainer_state.json` of every checkpoint, and a run resumed
@@ -141,7 +141,7 @@ class LooptuneCallback(TrainerCallback, ExportableState):
             if not self._watched:
                 self._watched = True
                 wrapped = getattr(self.trainer, "model_wrapped", None)
-                hook.watch(wrapped if wrapped is not None else model)    # DDP: the comm hook
+                hook.watch(wrapped if wrapped is not None else model)    # DDP: grad_compression
                 if train_dataloader is not None:
                     self._watch_loader(train_dataloader)
                 hook._decide_sync()          # torch.distributed is up now (the Trainer set it up)
