@@ -27,7 +27,7 @@ Runs per link and model (--steps steps each, the first --warmup not timed):
 
   none      plain DistributedDataParallel: no looptune at all (the baseline of every ratio)
   hooked    (only when asked for: --settings) Hook(tune=False) watching the DDP model at none: what
-            the hook itself costs (its comm hook, its reporter thread)
+            the hook itself costs (at none no comm hook: DDP's timer read each step; its reporter thread)
   fp16, bf16, powersgd   Hook(tune=False) watching the DDP model, its grad_compression set before
             the first step and never changed (powersgd at the default powersgd_rank 1); bf16 only
             where the backend can all-reduce it (the hook's probe; otherwise the row says why)
@@ -39,14 +39,14 @@ Runs per link and model (--steps steps each, the first --warmup not timed):
             own copy), so both meet the same moments of a shared host. Separate runs of a
             compute-bound model on loopback differ by 10-30% from run to run on a shared 2-core VM
             (the two ranks contend with everything else), which hides a 2% cost; turns of 5 steps
-            do not. The hook's step clock restarts at each of its turns, so its windows' shares
+            do not (the order of the two turns alternates from pair to pair). The hook's step clock restarts at each of its turns, so its windows' shares
             (data wait, communication) are its model's own; its samples/s per window is about half
             (the plain model's turns are wall time too), which the engine compares only with itself.
             Figures: plain seconds over tuned seconds of the turns after the warm-up, and the
             tuned model's held-out loss over the plain one's. By default run for the compute-bound
             model only, where it is the do-no-harm check.
-  paired-hooked   (only when asked for) the same with Hook(tune=False): the hook's own cost (its comm
-            hook, its reporter), without the tuner's rank syncs and engine
+  paired-hooked   (only when asked for) the same with Hook(tune=False): the hook's own cost (its
+            step, its reporter), without the tuner's rank syncs and engine
   paired-null     (only when asked for) the control: both turns plain DDP (a hook exists but watches
             nothing): what the method reads where there is no difference
 
@@ -61,6 +61,9 @@ Figures, each a ratio against `none` of the same link and model measured in this
                     per timed step (all its threads: the hook's reporter too; gloo's waits count)
   final             the setting the run ended on (tuned: with the engine's trials: kept / rolled
                     back / failed, and the gain each measured)
+  hook thread       (notes) CPU ms per second of the hook's background thread (reports, the
+                    embedded engine's ticks), over the run's second half: it runs beside training,
+                    so `paired` spreads it over both turns, and this says how much it is
 
 The tuned runs also print their engine's windows: samples/s, communication share and verdict.
 
@@ -73,7 +76,7 @@ Goals (the issue's done-when):
 The header gives the host's 1-minute load average at the start and at the end, each row its range
 over the run (the two ranks alone make ~2): the machine may be shared, and every figure moves with it.
 
-    python benchmarks/compression.py                 # 3 links x 2 models x 5 runs (+ paired): ~13 minutes on 2 cores (from the runs' lengths)
+    python benchmarks/compression.py                 # 3 links x 2 models x 5 runs (+ paired): ~16 minutes on 2 cores
     python benchmarks/compression.py --quick         # the goals' two cases, none, fp16, tuned (+ paired): ~3.5 minutes a round
     python benchmarks/compression.py --links 1gbit --models wire --steps 200
     python benchmarks/compression.py --links loopback --models compute --settings none,hooked,tuned --repeat 6
@@ -229,7 +232,7 @@ class Result:
     cpu_ms: float | None = None                               # rank 0: process CPU per timed step
     pairs: list[tuple[float, float]] = field(default_factory=list)   # paired: (plain, tuned) seconds per block
     plain_eval_loss: float | None = None                      # paired: the plain model's held-out loss
-    thread_ms_per_s: float | None = None                      # rank 0: the hook thread's CPU ms per second of run
+    thread_ms_per_s: float | None = None                      # rank 0: the hook thread's CPU ms per second, 2nd half
 
     def rate(self, first: int, last: int, batch: int) -> float | None:
         """Samples/s (both ranks) over steps first..last (indices into times)."""
@@ -255,9 +258,11 @@ def paired_steps(spec: Spec, rank: int, hook: Any, data: Any, out: dict[str, Any
     opts = [torch.optim.SGD(x.parameters(), lr=m.lr, momentum=0.9) for x in (plain, tuned)]
     src, watched = iter(data), iter(data if null else hook.watch(data))
     times, settings, losses, pairs = [], [], [], []
-    for _ in range(spec.steps // BLOCK):
-        spent = []
-        for which, model, opt, it in ((0, plain, opts[0], src), (1, tuned, opts[1], watched)):
+    turns = ((0, plain, opts[0], src), (1, tuned, opts[1], watched))
+    for i in range(spec.steps // BLOCK):
+        spent = [0.0, 0.0]
+        # the order alternates (plain first, then tuned first): a turn's place in the pair costs both alike
+        for which, model, opt, it in (turns if i % 2 == 0 else turns[::-1]):
             if which and not null:
                 hook.meter.restart_step_clock()
             t = time.perf_counter()
@@ -274,7 +279,9 @@ def paired_steps(spec: Spec, rank: int, hook: Any, data: Any, out: dict[str, Any
                         hook.step(loss=loss.detach())
                     times.append(time.perf_counter())
                     losses.append(float(loss.detach()))
-            spent.append(time.perf_counter() - t)
+                    if not null and len(times) == spec.steps // 2:
+                        out["thread_mark"] = (time.perf_counter(), thread_cpu_ms(hook))
+            spent[which] = time.perf_counter() - t
         pairs.append((spent[0], spent[1]))
     out.update(times=times, settings=settings, losses=losses, pairs=pairs)
     if rank == 0:
@@ -341,6 +348,8 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                 if hook is not None:
                     hook.step(loss=loss.detach())
                 times.append(time.perf_counter())
+                if hook is not None and len(times) == spec.steps // 2:
+                    out["thread_mark"] = (time.perf_counter(), thread_cpu_ms(hook))
                 if len(times) == spec.warmup:
                     cpu0 = time.process_time()
                 losses.append(float(loss.detach()))
@@ -351,8 +360,9 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
                           if len(times) > spec.warmup else None)
                 out.update(times=times, settings=settings, losses=losses, seconds=time.monotonic() - t0,
                            cpu_ms=cpu_ms)
-            if hook is not None:
-                out["thread_ms_per_s"] = thread_cpu_ms(hook) / max(1e-9, out.get("seconds", 0.0))
+            if hook is not None and "thread_mark" in out:
+                t, cpu = out.pop("thread_mark")
+                out["thread_ms_per_s"] = (thread_cpu_ms(hook) - cpu) / (time.perf_counter() - t)
             if hook is not None and hook.meter.comm_bytes:
                 out["comm_mb_per_step"] = hook.meter.comm_bytes / max(1, hook.meter.steps) / 1e6
             if rank == 0:
@@ -386,7 +396,8 @@ def rank_main(rank: int, spec: Spec, results: Any) -> None:
 
 def thread_cpu_ms(hook: Any) -> float:
     """CPU the hook's background thread (reports, the embedded engine's ticks) has used, in ms: it
-    runs beside the training thread, so `paired` spreads it over both turns; this says how much."""
+    runs beside the training thread, so `paired` spreads it over both turns; this says how much.
+    Read from the run's middle to its end: the first tick's imports and set-up are no steady cost."""
     tid = hook._channel._thread.native_id
     with open(f"/proc/self/task/{tid}/schedstat") as f:
         return int(f.read().split()[0]) / 1e6

@@ -17,7 +17,8 @@ sched_info off: it reads zeros) gives no demand: None, never an error.
 Cost per sample: one listdir of /proc, one read of command line and environment per *new*
 process (cached by pid and create time), and reads of the job members only (one listdir of
 its task/ folder and one small read per thread for the demand). USS and PSS walk
-the page tables, so they are read every `memory_detail_interval` seconds.
+the page tables, so they are read every `memory_detail_interval` seconds, and a job's own
+process (the training process: the most mappings) every `root_detail_interval` where given.
 """
 from __future__ import annotations
 
@@ -182,11 +183,12 @@ class JobsCollector:
     def __init__(self, patterns: Sequence[str], *, gpu_processes: Callable[[], Iterable[Any]] | None = None,
                  registered: Callable[[], dict[int, tuple[str, str, str]]] | None = None,
                  memory_detail_interval: float = 10.0, max_jobs: int = 64, discover_after: float = 0.0,
-                 ps: Any = psutil,
+                 ps: Any = psutil, root_detail_interval: float | None = None,
                  self_pid: int | None = None, clock: Callable[[], float] = time.monotonic,
                  schedstat: Callable[[int], dict[int, int] | None] | None = None) -> None:
         self.discover_after = discover_after   # seconds a found process waits for its hook to name it
         self.configure(patterns, memory_detail_interval, max_jobs)
+        self.root_detail_interval = root_detail_interval
         self._gpu_processes = gpu_processes
         self._registered = registered     # pid -> (run, rank, world_size) from connected hooks
         self._hooked: dict[int, tuple[str, str, str]] = {}
@@ -371,7 +373,9 @@ class JobsCollector:
         io_r: int | None = 0
         io_w: int | None = 0
         demand: int | None = 0
+        root_every = self.root_detail_interval or self.memory_detail_interval
         for e in members:
+            every = root_every if e.id == root.id else self.memory_detail_interval
             try:
                 with e.proc.oneshot():
                     if not e.proc.is_running():       # pid reused since we cached it
@@ -386,7 +390,7 @@ class JobsCollector:
                         e.io = (max(last[0], int(c.read_bytes)), max(last[1], int(c.write_bytes)))
                     except (ps.AccessDenied, AttributeError):
                         e.io = None
-                    if now - e.detail_at >= self.memory_detail_interval:
+                    if now - e.detail_at >= every:
                         e.detail_at = now
                         try:
                             full = e.proc.memory_full_info()

@@ -498,6 +498,28 @@ def test_a_reused_pid_is_a_new_process() -> None:
     assert runs[1] == [("eval", 1.0)]
 
 
+def test_the_training_process_own_uss_is_read_less_often_than_its_workers() -> None:
+    ps = FakePs()
+    ps.spawn(0, ["/sbin/init"], {})
+    train = ps.spawn(1, ["python", "train.py"], {"RANK": "0"})
+    worker = ps.spawn(train.pid, ["python", "train.py"], {"RANK": "0"})
+    now = [0.0]
+    c = JobsCollector([r"\.py"], ps=ps, self_pid=0, memory_detail_interval=2.0, root_detail_interval=10.0,
+                      clock=lambda: now[0])
+    seen = []
+    for t in range(0, 13):          # a sample a second; memory grows 1 MiB a second in both
+        now[0] = float(t)
+        train.rss = worker.rss = (t + 1) << 20
+        (job,) = c.sample().jobs
+        seen.append(job.uss_bytes)
+    # USS is half of RSS in the fake: the worker's is read at 0, 2, 4, ..., the training process's at 0 and 10
+    half = 1 << 19
+    assert seen[0] == 2 * half and seen[1] == seen[0]
+    assert seen[2] == half + 3 * half            # the worker read again at 2 s, the root still its 0 s value
+    assert seen[10] == 11 * half + 11 * half     # both read at 10 s
+    assert seen[12] == 11 * half + 13 * half
+
+
 MATCH = [r"train\.py", r"eval\.py", r"^torchrun "]
 SELF = 2
 COMMANDS = [

@@ -179,6 +179,11 @@ def hooks_rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
         ddp = hook.watch(DDP(model()))
         train(ddp, rank, hook)
         out["before"] = len(ddp._comm_hooks)
+        # CUDA's path: DDP's timer samples some iterations; each sample stands for those since the last
+        ddp._set_ddp_runtime_logging_sample_rate(3)
+        train(ddp, rank, hook)
+        sampled = ddp.logger._get_ddp_logging_data().ints_map["iteration"]
+        out["sampled"] = (hook.meter.comm_bytes, sampled * hook.comm.grad_bytes, sampled)
         hook.comm.set_setting("fp16")
         out["after"] = [h for h, _ in ddp._comm_hooks] == [dispatch]
         sent = hook.meter.comm_bytes
@@ -232,6 +237,8 @@ def test_the_comm_hook_comes_at_the_first_switch_and_a_jobs_own_hook_is_left_alo
     for r in got.values():
         assert r["before"] == 0 and r["after"] and r["still"] == 1, r
         assert r["errors"] == 0
+        counted, expected, sampled = r["sampled"]
+        assert counted == expected and STEPS < sampled < 2 * STEPS, r["sampled"]   # every iteration up to the last sample
         # bytes: fp16 halves what DDP's own all-reduce sends; back at none, every gradient in float32
         assert r["none_bytes"] == STEPS * r["grad_bytes"], r
         assert r["fp16_bytes"] == STEPS * r["grad_bytes"] // 2, r

@@ -31,7 +31,11 @@ class Embedded:
         me = os.getpid()
         # self_pid=-1: a collector leaves out the process it runs in (the daemon); here that process is the job
         self._tree = JobsCollector([], registered=lambda: {me: (hook.run, str(hook.rank), str(hook.world_size))},
-                                   gpu_processes=self._gpu_processes, memory_detail_interval=2.0, self_pid=-1)
+                                   gpu_processes=self._gpu_processes, memory_detail_interval=2.0, self_pid=-1,
+                                   # the training process's own USS (torch maps much: a smaps walk costs ms)
+                                   # only as often as the daemon reads it; its loader workers' (the workers
+                                   # tuner's memory budget) every 2 s
+                                   root_detail_interval=hook.config.jobs.memory_detail_interval_seconds)
 
     def _gpu_processes(self) -> list[Any]:
         snap = self._gpu.last if self._gpu is not None else None
