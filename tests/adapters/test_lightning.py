@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -392,37 +391,34 @@ DDP_PLAN = {2: [decision("num_workers", 2)], 3: [decision("grad_compression", "f
             13: [decision("grad_compression", "none"), decision("num_workers", 1)]}
 
 
-def ddp_rank(port: int) -> Callable[..., None]:
-    def main(rank: int, store: str, tmp: str, results: Any) -> None:
-        try:
-            from lightning.pytorch.strategies import DDPStrategy
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                              LOCAL_RANK=str(rank))
-            os.environ.pop("RANK", None)
-            torch.set_num_threads(1)
-            root = Path(tmp)
-            # made before the process group exists: rank and sync come from the Trainer once it does
-            cb = LooptuneCallback(run="lit-ddp", socket=str(root / f"none-{rank}.sock"),
-                                  tune=["workers", "compression"],
-                                  config=quiet_config(root / f"r{rank}", sync_every_steps=2))
-            (root / f"r{rank}").mkdir(exist_ok=True)
-            if rank == 1:
-                assert cb.hook.rank == 0        # its hook made now, before the group: RANK is not set yet
-            callbacks: list[Any] = [cb]
-            if rank == 0:
-                callbacks.append(Decide(cb, DDP_PLAN))
-            model = Lit(DDP_N, 0.0, batch=8)
-            trainer = fit(root, model, DDP_EPOCHS, callbacks, seed=3, devices=2,
-                          strategy=DDPStrategy(process_group_backend="gloo"))
-            hook = cb.hook
-            results.put({"rank": rank, "trainer_rank": trainer.global_rank, "hook_rank": hook.rank,
-                         "world": hook.world_size, "sync_every": hook._sync.every,
-                         "decisions": [(d.knob, d.new, d.step, d.outcome) for d in hook.decisions],
-                         "knobs": dict(hook.knobs), "seen": model.seen, "errors": hook.errors,
-                         "comm_bytes": hook.meter.comm_bytes,
-                         "params": [p.detach().tolist() for p in model.parameters()]})
-        except BaseException:  # noqa: BLE001 - reported to the test
-            results.put({"rank": rank, "error": traceback.format_exc()})
+def ddp_rank(port: int) -> Callable[..., dict[str, Any]]:
+    def main(rank: int, store: str, tmp: str, results: Any) -> dict[str, Any]:
+        from lightning.pytorch.strategies import DDPStrategy
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                          LOCAL_RANK=str(rank))
+        os.environ.pop("RANK", None)
+        torch.set_num_threads(1)
+        root = Path(tmp)
+        # made before the process group exists: rank and sync come from the Trainer once it does
+        cb = LooptuneCallback(run="lit-ddp", socket=str(root / f"none-{rank}.sock"),
+                              tune=["workers", "compression"],
+                              config=quiet_config(root / f"r{rank}", sync_every_steps=2))
+        (root / f"r{rank}").mkdir(exist_ok=True)
+        if rank == 1:
+            assert cb.hook.rank == 0        # its hook made now, before the group: RANK is not set yet
+        callbacks: list[Any] = [cb]
+        if rank == 0:
+            callbacks.append(Decide(cb, DDP_PLAN))
+        model = Lit(DDP_N, 0.0, batch=8)
+        trainer = fit(root, model, DDP_EPOCHS, callbacks, seed=3, devices=2,
+                      strategy=DDPStrategy(process_group_backend="gloo"))
+        hook = cb.hook
+        return {"rank": rank, "trainer_rank": trainer.global_rank, "hook_rank": hook.rank,
+                "world": hook.world_size, "sync_every": hook._sync.every,
+                "decisions": [(d.knob, d.new, d.step, d.outcome) for d in hook.decisions],
+                "knobs": dict(hook.knobs), "seen": model.seen, "errors": hook.errors,
+                "comm_bytes": hook.meter.comm_bytes,
+                "params": [p.detach().tolist() for p in model.parameters()]}
     return main
 
 
@@ -449,36 +445,33 @@ def test_two_gloo_ranks_through_lightning_ddp_agree_on_every_knob_change() -> No
             assert res["seen"][e] == list(sampler), (r, e)
 
 
-def ddp_split_rank(port: int, split: bool) -> Callable[..., None]:
+def ddp_split_rank(port: int, split: bool) -> Callable[..., dict[str, Any]]:
     """One rank of a 2-rank DDP fit of LitMem on its own stand-in GPU; `split`: with the callback
     (micro-batches, an out-of-memory error on rank 1 at step 3), else unsplit on a big one."""
-    def main(rank: int, store: str, tmp: str, results: Any) -> None:
-        try:
-            from lightning.pytorch.strategies import DDPStrategy
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                              LOCAL_RANK=str(rank))
-            os.environ.pop("RANK", None)
-            torch.set_num_threads(1)
-            root = Path(tmp) / f"r{rank}"
-            root.mkdir(exist_ok=True)
-            fake = FakeCuda(1000 * MiB if split else 10**12).install()
-            fake.alloc(100 * MiB)
-            callbacks: list[Any] = []
-            cb = None
-            if split:
-                cb = LooptuneCallback(run="lit-ddp-mb", socket=str(root / "none.sock"),
-                                      tune=["batch_size", "compression"], config=quiet_config(root, sync_every_steps=2))
-                callbacks = [cb, OomsAndKnobs(fake, cb, {3: "backward"} if rank == 1 else {})]
-            model = LitMem(fake, straight(MiB // 2))
-            fit(root, model, 1, callbacks, seed=3, devices=2, strategy=DDPStrategy(process_group_backend="gloo"))
-            out = {"rank": rank, "params": params_of(model.net),
-                   "rows": sorted({r for _, r in model.calls}), "ooms": fake.ooms}
-            if cb is not None:
-                out.update(knob=cb.hook.knobs.get("micro_batch_size"), recoveries=cb.hook.microbatcher.recoveries,
-                           errors=cb.hook.errors)
-            results.put(out)
-        except BaseException:  # noqa: BLE001 - reported to the test
-            results.put({"rank": rank, "error": traceback.format_exc()})
+    def main(rank: int, store: str, tmp: str, results: Any) -> dict[str, Any]:
+        from lightning.pytorch.strategies import DDPStrategy
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                          LOCAL_RANK=str(rank))
+        os.environ.pop("RANK", None)
+        torch.set_num_threads(1)
+        root = Path(tmp) / f"r{rank}"
+        root.mkdir(exist_ok=True)
+        fake = FakeCuda(1000 * MiB if split else 10**12).install()
+        fake.alloc(100 * MiB)
+        callbacks: list[Any] = []
+        cb = None
+        if split:
+            cb = LooptuneCallback(run="lit-ddp-mb", socket=str(root / "none.sock"),
+                                  tune=["batch_size", "compression"], config=quiet_config(root, sync_every_steps=2))
+            callbacks = [cb, OomsAndKnobs(fake, cb, {3: "backward"} if rank == 1 else {})]
+        model = LitMem(fake, straight(MiB // 2))
+        fit(root, model, 1, callbacks, seed=3, devices=2, strategy=DDPStrategy(process_group_backend="gloo"))
+        out = {"rank": rank, "params": params_of(model.net),
+               "rows": sorted({r for _, r in model.calls}), "ooms": fake.ooms}
+        if cb is not None:
+            out.update(knob=cb.hook.knobs.get("micro_batch_size"), recoveries=cb.hook.microbatcher.recoveries,
+                       errors=cb.hook.errors)
+        return out
     return main
 
 

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -381,49 +380,44 @@ def ddp_rank_env(rank: int, port: int) -> None:
     assert not dist.is_initialized()
 
 
-def ddp_main(port: int, steps: int) -> Callable[..., None]:
-    def main(rank: int, store: str, tmp: str, results: Any) -> None:
-        try:
-            ddp_rank_env(rank, port)
-            import torch.distributed as dist
-            # made before the process group exists: its rank comes from the Trainer
-            # (tune names a tuner: a hook that tunes nothing syncs no decisions across ranks)
-            cb = callback(Path(tmp), "hf-ddp", tune=["compression"], sync_every_steps=1)
-            seen: list[Any] = []
-            import random
-            rng = random.Random(5)
+def ddp_main(port: int, steps: int) -> Callable[..., dict[str, Any]]:
+    def main(rank: int, store: str, tmp: str, results: Any) -> dict[str, Any]:
+        ddp_rank_env(rank, port)
+        # made before the process group exists: its rank comes from the Trainer
+        # (tune names a tuner: a hook that tunes nothing syncs no decisions across ranks)
+        cb = callback(Path(tmp), "hf-ddp", tune=["compression"], sync_every_steps=1)
+        seen: list[Any] = []
+        import random
+        rng = random.Random(5)
 
-            class Switch(TrainerCallback):
-                def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                    if rank == 0 and state.global_step % 2 == 0:
-                        usable = [s for s in SETTINGS if s not in cb.hook.comm.unusable]
-                        cb.hook._queue_decision({"id": None, "knob": "grad_compression", "value": rng.choice(usable),
-                                                 "reason": "test", "tuner": "test"})
-                    workers = {3: 2, 11: 1}.get(state.global_step)
-                    if rank == 0 and workers is not None:
-                        cb.hook._queue_decision({"id": None, "knob": "num_workers", "value": workers,
-                                                 "reason": "test", "tuner": "test"})
+        class Switch(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if rank == 0 and state.global_step % 2 == 0:
+                    usable = [s for s in SETTINGS if s not in cb.hook.comm.unusable]
+                    cb.hook._queue_decision({"id": None, "knob": "grad_compression", "value": rng.choice(usable),
+                                             "reason": "test", "tuner": "test"})
+                workers = {3: 2, 11: 1}.get(state.global_step)
+                if rank == 0 and workers is not None:
+                    cb.hook._queue_decision({"id": None, "knob": "num_workers", "value": workers,
+                                             "reason": "test", "tuner": "test"})
 
-            class Look(TrainerCallback):
-                def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                    seen.append((state.global_step, cb.hook.knobs.get("grad_compression"),
-                                 cb.hook.knobs.get("num_workers")))
+        class Look(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                seen.append((state.global_step, cb.hook.knobs.get("grad_compression"),
+                             cb.hook.knobs.get("num_workers")))
 
-            model = Tiny()
-            trainer = Trainer(model=model, args=training_args(Path(tmp) / f"out{rank}", max_steps=steps,
-                                                              ddp_backend="gloo", ddp_timeout=60),
-                              train_dataset=Items(256), callbacks=[Switch(), cb, Look()])
-            trainer.train()
-            result = {"rank": rank, "seen": seen, "world": (cb.hook.rank, cb.hook.world_size),
-                      "ddp": type(trainer.model_wrapped).__name__, "errors": cb.hook.errors,
-                      "decisions": [(d.step, d.knob, d.new, d.outcome) for d in cb.hook.decisions],
-                      "samples": cb.hook.counters["samples"], "mode": cb.loader_mode,
-                      "params": params_of(model)}
-            cb.close()
-            dist.destroy_process_group()
-            results.put(result)
-        except BaseException:  # noqa: BLE001
-            results.put({"rank": rank, "error": traceback.format_exc()})
+        model = Tiny()
+        trainer = Trainer(model=model, args=training_args(Path(tmp) / f"out{rank}", max_steps=steps,
+                                                          ddp_backend="gloo", ddp_timeout=60),
+                          train_dataset=Items(256), callbacks=[Switch(), cb, Look()])
+        trainer.train()
+        result = {"rank": rank, "seen": seen, "world": (cb.hook.rank, cb.hook.world_size),
+                  "ddp": type(trainer.model_wrapped).__name__, "errors": cb.hook.errors,
+                  "decisions": [(d.step, d.knob, d.new, d.outcome) for d in cb.hook.decisions],
+                  "samples": cb.hook.counters["samples"], "mode": cb.loader_mode,
+                  "params": params_of(model)}
+        cb.close()
+        return result
     return main
 
 
@@ -446,52 +440,47 @@ def test_two_ranks_through_the_trainers_ddp_agree_on_every_change() -> None:
 DDP_MB_BATCH, DDP_MB_STEPS, DDP_MB_OOM_AFTER = 256, 8, 4     # per-device batch; the OOM in step 5, on rank 1
 
 
-def ddp_split_main(port: int, split: bool) -> Callable[..., None]:
+def ddp_split_main(port: int, split: bool) -> Callable[..., dict[str, Any]]:
     """One rank of the Trainer's own 2-rank DDP on its own stand-in GPU (float64, SGD with momentum):
     `split`, with the callback (micro-batches of at most 56 rows; an out-of-memory error in the
     backward of rank 1's second micro-batch of step 5), else unsplit without it on a big stand-in."""
-    def main(rank: int, store: str, tmp: str, results: Any) -> None:
-        try:
-            ddp_rank_env(rank, port)
-            import torch.distributed as dist
-            root = Path(tmp) / f"r{rank}-{split}"
-            root.mkdir()
-            fake = FakeCuda(1000 * MiB if split else 10**15).install()
-            fake.alloc(100 * MiB)                       # what the model and its optimizer would hold
-            model = Tiny(MemoryLayer(fake, straight(8 * MiB)), dtype=torch.float64)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            cbs: list[Any] = []
-            cb = None
-            if split:
-                cb = callback(root, "hf-ddp-mb", tune=["batch_size", "compression"], sync_every_steps=2)
+    def main(rank: int, store: str, tmp: str, results: Any) -> dict[str, Any]:
+        ddp_rank_env(rank, port)
+        root = Path(tmp) / f"r{rank}-{split}"
+        root.mkdir()
+        fake = FakeCuda(1000 * MiB if split else 10**15).install()
+        fake.alloc(100 * MiB)                       # what the model and its optimizer would hold
+        model = Tiny(MemoryLayer(fake, straight(8 * MiB)), dtype=torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        cbs: list[Any] = []
+        cb = None
+        if split:
+            cb = callback(root, "hf-ddp-mb", tune=["batch_size", "compression"], sync_every_steps=2)
 
-                class Inject(TrainerCallback):
-                    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                        if rank == 1 and state.global_step == DDP_MB_OOM_AFTER:
-                            fake.inject("backward", 2)
+            class Inject(TrainerCallback):
+                def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                    if rank == 1 and state.global_step == DDP_MB_OOM_AFTER:
+                        fake.inject("backward", 2)
 
-                cbs = [cb, Inject()]
-            n = 2 * DDP_MB_BATCH * DDP_MB_STEPS
-            trainer = Trainer(model=model, args=training_args(root / "out", per_device_train_batch_size=DDP_MB_BATCH,
-                                                              max_steps=DDP_MB_STEPS, learning_rate=0.01,
-                                                              ddp_backend="gloo", ddp_timeout=60),
-                              train_dataset=Items(n, dtype=torch.float64), callbacks=cbs, optimizers=(opt, None))
-            trainer.train()
-            out = {"rank": rank, "params": params_of(model), "rows": sorted(set(model.rows)), "ooms": fake.ooms,
-                   "seen": sorted(set(model.seen)), "forwarded": sum(model.rows), "steps": trainer.state.global_step,
-                   "ddp": type(trainer.model_wrapped).__name__}
-            if cb is not None:
-                hook = cb.hook
-                out.update(knob=hook.knobs.get("micro_batch_size"), recoveries=hook.microbatcher.recoveries,
-                           counted=hook.report()["counters"]["oom_recoveries"], errors=hook.errors,
-                           untunable=dict(hook.untunable), batch=hook.knobs.get("batch_size"),
-                           world=(hook.rank, hook.world_size), ddp_hooked=hook.microbatcher.ddp is not None)
-                cb.close()
-            fake.uninstall()
-            dist.destroy_process_group()
-            results.put(out)
-        except BaseException:  # noqa: BLE001
-            results.put({"rank": rank, "error": traceback.format_exc()})
+            cbs = [cb, Inject()]
+        n = 2 * DDP_MB_BATCH * DDP_MB_STEPS
+        trainer = Trainer(model=model, args=training_args(root / "out", per_device_train_batch_size=DDP_MB_BATCH,
+                                                          max_steps=DDP_MB_STEPS, learning_rate=0.01,
+                                                          ddp_backend="gloo", ddp_timeout=60),
+                          train_dataset=Items(n, dtype=torch.float64), callbacks=cbs, optimizers=(opt, None))
+        trainer.train()
+        out = {"rank": rank, "params": params_of(model), "rows": sorted(set(model.rows)), "ooms": fake.ooms,
+               "seen": sorted(set(model.seen)), "forwarded": sum(model.rows), "steps": trainer.state.global_step,
+               "ddp": type(trainer.model_wrapped).__name__}
+        if cb is not None:
+            hook = cb.hook
+            out.update(knob=hook.knobs.get("micro_batch_size"), recoveries=hook.microbatcher.recoveries,
+                       counted=hook.report()["counters"]["oom_recoveries"], errors=hook.errors,
+                       untunable=dict(hook.untunable), batch=hook.knobs.get("batch_size"),
+                       world=(hook.rank, hook.world_size), ddp_hooked=hook.microbatcher.ddp is not None)
+            cb.close()
+        fake.uninstall()
+        return out
     return main
 
 

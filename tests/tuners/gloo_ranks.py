@@ -1,6 +1,6 @@
 """Run `rank_main(rank, store, tmp, results)` in `world` forked processes (gloo over a FileStore in
-a temp dir) and collect what each put on `results`; bounded: a rank that hangs is killed and the
-test fails. `assert_split_like_unsplit` compares two ranks that split micro-batches with the same
+a temp dir) and collect what each returned (a dict) or put on `results` itself; bounded: a rank
+that hangs is killed and the test fails, a rank that raised fails it with its traceback. `assert_split_like_unsplit` compares two ranks that split micro-batches with the same
 job unsplit (the Lightning and Hugging Face adapter tests share it)."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import queue
 import shutil
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,12 +27,28 @@ def join(rank: int, world: int, store: str, timeout: float = 60.0) -> None:
                             timeout=timedelta(seconds=timeout))
 
 
-def run_ranks(rank_main: Callable[..., None], world: int, timeout: float, prefix: str = "lt-ranks-") -> dict[int, dict[str, Any]]:
+def _entry(rank_main: Callable[..., dict[str, Any] | None], rank: int, store: str, tmp: str, results: Any) -> None:
+    """A rank's process: what `rank_main` returns goes to the parent with the rank, then the process
+    group (if any) is taken down; an exception goes to the parent as its traceback."""
+    try:
+        out = rank_main(rank, store, tmp, results)
+        if out is not None:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            results.put({"rank": rank, **out})
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        results.put({"rank": rank, "error": traceback.format_exc()})
+
+
+def run_ranks(rank_main: Callable[..., dict[str, Any] | None], world: int, timeout: float,
+              prefix: str = "lt-ranks-") -> dict[int, dict[str, Any]]:
     ctx = mp.get_context("fork")        # the ranks inherit the imported torch: no re-import per rank
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     results = ctx.Queue()
     # not daemonic: a rank's DataLoader workers are its children
-    procs = [ctx.Process(target=rank_main, args=(r, str(tmp / "store"), str(tmp), results)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(rank_main, r, str(tmp / "store"), str(tmp), results))
+             for r in range(world)]
     for p in procs:
         p.start()
     got: dict[int, dict[str, Any]] = {}

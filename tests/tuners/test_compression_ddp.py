@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import traceback
 from typing import Any
 
 import pytest
@@ -29,51 +28,46 @@ def make_hook(tmp: str, rank: int, run: str) -> Any:
 
 
 def switching_main(world: int, fail_on_rank1_at: int) -> Any:
-    def main(rank: int, store: str, tmp: str, results: Any) -> None:
+    def main(rank: int, store: str, tmp: str, results: Any) -> dict[str, Any]:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        join(rank, world, store)
+        hook = make_hook(tmp, rank, "switch")
         try:
-            import torch.distributed as dist
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            join(rank, world, store)
-            hook = make_hook(tmp, rank, "switch")
-            try:
-                torch.manual_seed(0)
-                ddp = hook.watch(DDP(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(),
-                                                         torch.nn.Linear(64, 8))))
-                unusable = dict(hook.comm.unusable)
-                if rank == 1:      # one switch refused on this rank only
-                    real, calls = hook.comm.set_setting, [0]
+            torch.manual_seed(0)
+            ddp = hook.watch(DDP(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(),
+                                                     torch.nn.Linear(64, 8))))
+            unusable = dict(hook.comm.unusable)
+            if rank == 1:      # one switch refused on this rank only
+                real, calls = hook.comm.set_setting, [0]
 
-                    def flaky(value: Any) -> None:
-                        calls[0] += 1
-                        if calls[0] == fail_on_rank1_at:
-                            raise RuntimeError("refused on rank 1 (test)")
-                        real(value)
-                    hook.actuators["grad_compression"].set = flaky
-                opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-                rng = random.Random(42)
-                g = torch.Generator().manual_seed(rank)
-                seen = []
-                for step in range(100):
-                    if rank == 0:
-                        # always another setting than the current one: every decision is a switch
-                        value = rng.choice([s for s in SETTINGS if s not in unusable and s != hook.comm.setting])
-                        hook._queue_decision({"id": step + 1, "knob": "grad_compression", "value": value,
-                                              "reason": "test", "tuner": "test"})
-                    x = torch.randn(16, 32, generator=g)
-                    ddp(x).pow(2).mean().backward()
-                    opt.step()
-                    opt.zero_grad()
-                    hook.step()
-                    seen.append(hook.comm.setting)
-                failed = [d.step for d in hook.decisions if d.outcome == "failed"]
-                result = {"rank": rank, "seen": seen, "failed": failed, "errors": hook.errors,
-                          "params": [p.detach().tolist() for p in ddp.parameters()], "unusable": unusable}
-            finally:
-                hook.close()
-            dist.destroy_process_group()
-            results.put(result)
-        except BaseException:  # noqa: BLE001
-            results.put({"rank": rank, "error": traceback.format_exc()})
+                def flaky(value: Any) -> None:
+                    calls[0] += 1
+                    if calls[0] == fail_on_rank1_at:
+                        raise RuntimeError("refused on rank 1 (test)")
+                    real(value)
+                hook.actuators["grad_compression"].set = flaky
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+            rng = random.Random(42)
+            g = torch.Generator().manual_seed(rank)
+            seen = []
+            for step in range(100):
+                if rank == 0:
+                    # always another setting than the current one: every decision is a switch
+                    value = rng.choice([s for s in SETTINGS if s not in unusable and s != hook.comm.setting])
+                    hook._queue_decision({"id": step + 1, "knob": "grad_compression", "value": value,
+                                          "reason": "test", "tuner": "test"})
+                x = torch.randn(16, 32, generator=g)
+                ddp(x).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                hook.step()
+                seen.append(hook.comm.setting)
+            failed = [d.step for d in hook.decisions if d.outcome == "failed"]
+            result = {"rank": rank, "seen": seen, "failed": failed, "errors": hook.errors,
+                      "params": [p.detach().tolist() for p in ddp.parameters()], "unusable": unusable}
+        finally:
+            hook.close()
+        return result
     return main
 
 
@@ -89,41 +83,35 @@ def test_random_switches_apply_on_every_rank_at_the_same_step(world: int) -> Non
 
 
 def convex_main(setting: str, steps: int) -> Any:
-    def main(rank: int, store: str, tmp: str, results: Any) -> None:
+    def main(rank: int, store: str, tmp: str, results: Any) -> dict[str, Any]:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        join(rank, 2, store)
+        hook = make_hook(tmp, rank, "convex")
         try:
-            import torch.distributed as dist
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            join(rank, 2, store)
-            hook = make_hook(tmp, rank, "convex")
-            try:
-                # least squares: y = x A + noise, a 64 -> 16 linear model; convex in its weights
-                g = torch.Generator().manual_seed(7)
-                a = torch.randn(64, 16, generator=g)
-                gl = torch.Generator().manual_seed(100 + rank)
-                torch.manual_seed(0)
-                ddp = hook.watch(DDP(torch.nn.Linear(64, 16)))
-                if setting in hook.comm.unusable:
-                    results.put({"rank": rank, "unusable": hook.comm.unusable[setting]})
-                    return
-                hook.comm.set_setting(setting)
-                opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-                xs = torch.randn(512, 64, generator=g)
-                ys = xs @ a + 0.1 * torch.randn(512, 16, generator=g)
-                for _ in range(steps):
-                    idx = torch.randint(0, 512, (32,), generator=gl)
-                    torch.nn.functional.mse_loss(ddp(xs[idx]), ys[idx]).backward()
-                    opt.step()
-                    opt.zero_grad()
-                    hook.step()           # counts DDP's own all-reduce (none) from its timer
-                with torch.no_grad():
-                    final = float(torch.nn.functional.mse_loss(ddp.module(xs), ys))
-                result = {"rank": rank, "loss": final, "bytes": hook.meter.comm_bytes}
-            finally:
-                hook.close()
-            dist.destroy_process_group()
-            results.put(result)
-        except BaseException:  # noqa: BLE001
-            results.put({"rank": rank, "error": traceback.format_exc()})
+            # least squares: y = x A + noise, a 64 -> 16 linear model; convex in its weights
+            g = torch.Generator().manual_seed(7)
+            a = torch.randn(64, 16, generator=g)
+            gl = torch.Generator().manual_seed(100 + rank)
+            torch.manual_seed(0)
+            ddp = hook.watch(DDP(torch.nn.Linear(64, 16)))
+            if setting in hook.comm.unusable:
+                return {"unusable": hook.comm.unusable[setting]}
+            hook.comm.set_setting(setting)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+            xs = torch.randn(512, 64, generator=g)
+            ys = xs @ a + 0.1 * torch.randn(512, 16, generator=g)
+            for _ in range(steps):
+                idx = torch.randint(0, 512, (32,), generator=gl)
+                torch.nn.functional.mse_loss(ddp(xs[idx]), ys[idx]).backward()
+                opt.step()
+                opt.zero_grad()
+                hook.step()           # counts DDP's own all-reduce (none) from its timer
+            with torch.no_grad():
+                final = float(torch.nn.functional.mse_loss(ddp.module(xs), ys))
+            result = {"rank": rank, "loss": final, "bytes": hook.meter.comm_bytes}
+        finally:
+            hook.close()
+        return result
     return main
 
 

@@ -9,7 +9,6 @@ a rank that hangs in a collective is killed and the test fails.
 from __future__ import annotations
 
 import os
-import traceback
 from datetime import timedelta
 from typing import Any
 
@@ -61,33 +60,29 @@ def epochs_of(loader: Any, sampler: DistributedSampler, hook: Any = None, rank: 
     return stream
 
 
-def rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
-    try:
-        import torch.distributed as dist
+def rank_main(rank: int, store: str, tmp: str, results: Any) -> dict[str, Any]:
+    import torch.distributed as dist
 
-        from looptune.tuners.hook import Hook
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=60))
-        untuned_loader = make_loader(rank)
-        untuned = epochs_of(untuned_loader, untuned_loader.sampler)
-        hook = Hook(run="ddp", socket=os.path.join(tmp, f"nobody-{rank}.sock"),
-                    config={"hook": {"sync_every_steps": SYNC_EVERY},
-                            "tuners": {"enabled": [], "state_file": os.path.join(tmp, f"best-{rank}.json")}})
-        try:
-            user = make_loader(rank)
-            watched = hook.watch(user)
-            tuned = epochs_of(watched, user.sampler, hook, rank)
-            dist.barrier()
-            result = {"rank": rank, "untuned": untuned, "tuned": tuned, "mode": hook.mode,
-                      "sync_every": hook._sync.every, "errors": hook.errors, "disabled": hook.disabled,
-                      "knobs": dict(hook.knobs), "active_workers": watched.active.num_workers,
-                      "decisions": [(d.id, d.knob, d.new, d.outcome, d.step, d.detail) for d in hook.decisions]}
-        finally:
-            hook.close()
-        dist.destroy_process_group()
-        results.put(result)
-    except BaseException:  # noqa: BLE001 - the parent reports it
-        results.put({"rank": rank, "error": traceback.format_exc()})
+    from looptune.tuners.hook import Hook
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    untuned_loader = make_loader(rank)
+    untuned = epochs_of(untuned_loader, untuned_loader.sampler)
+    hook = Hook(run="ddp", socket=os.path.join(tmp, f"nobody-{rank}.sock"),
+                config={"hook": {"sync_every_steps": SYNC_EVERY},
+                        "tuners": {"enabled": [], "state_file": os.path.join(tmp, f"best-{rank}.json")}})
+    try:
+        user = make_loader(rank)
+        watched = hook.watch(user)
+        tuned = epochs_of(watched, user.sampler, hook, rank)
+        dist.barrier()
+        result = {"rank": rank, "untuned": untuned, "tuned": tuned, "mode": hook.mode,
+                  "sync_every": hook._sync.every, "errors": hook.errors, "disabled": hook.disabled,
+                  "knobs": dict(hook.knobs), "active_workers": watched.active.num_workers,
+                  "decisions": [(d.id, d.knob, d.new, d.outcome, d.step, d.detail) for d in hook.decisions]}
+    finally:
+        hook.close()
+    return result
 
 
 def expected_stream(rank: int) -> list[list[int]]:

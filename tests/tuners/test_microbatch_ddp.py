@@ -6,7 +6,6 @@ parameters stay identical, and equal an unsplit DDP run within 1e-9 (float64, SG
 from __future__ import annotations
 
 import os
-import traceback
 from typing import Any
 
 import torch
@@ -34,59 +33,54 @@ def batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randn(2048, 1, generator=g, dtype=torch.float64)) for _ in range(8)]
 
 
-def rank_main(rank: int, store: str, tmp: str, results: Any) -> None:
-    try:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def rank_main(rank: int, store: str, tmp: str, results: Any) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from looptune import Hook
-        join(rank, WORLD, store, timeout=90)
-        data = batches(rank)
-        # the reference: plain DDP, whole batches, on a device big enough
-        big = FakeCuda(10**13).install()
-        ref = DDP(make_model(big))
-        opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    from looptune import Hook
+    join(rank, WORLD, store, timeout=90)
+    data = batches(rank)
+    # the reference: plain DDP, whole batches, on a device big enough
+    big = FakeCuda(10**13).install()
+    ref = DDP(make_model(big))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for step in range(STEPS):
+        x, y = data[step % len(data)]
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    big.uninstall()
+
+    fake = FakeCuda(1000 * MiB).install()
+    fake.alloc(100 * MiB)
+    hook = Hook(run="mb-ddp", tune=["batch_size"], socket=os.path.join(tmp, f"nobody-{rank}.sock"),
+                config={"tuners": {"state_file": os.path.join(tmp, f"best-{rank}.json")}})
+    try:
+        ddp = hook.watch(DDP(make_model(fake)))
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        calls = [0]
+
+        def loss_fn(mb: Any) -> torch.Tensor:
+            calls[0] += 1
+            return torch.nn.functional.mse_loss(ddp(mb[0]), mb[1])
+        per_step = 0
         for step in range(STEPS):
-            x, y = data[step % len(data)]
-            torch.nn.functional.mse_loss(ref(x), y).backward()
+            if rank == 1 and step in INJECT:
+                where, which = INJECT[step]
+                fake.inject(where, {"first": 1, "middle": per_step // 2 + 1, "last": per_step}[which])
+            calls[0] = 0
+            hook.accumulate(data[step % len(data)], loss_fn)
+            per_step = calls[0]
             opt.step()
             opt.zero_grad()
-        big.uninstall()
-
-        fake = FakeCuda(1000 * MiB).install()
-        fake.alloc(100 * MiB)
-        hook = Hook(run="mb-ddp", tune=["batch_size"], socket=os.path.join(tmp, f"nobody-{rank}.sock"),
-                    config={"tuners": {"state_file": os.path.join(tmp, f"best-{rank}.json")}})
-        try:
-            ddp = hook.watch(DDP(make_model(fake)))
-            opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-            calls = [0]
-
-            def loss_fn(mb: Any) -> torch.Tensor:
-                calls[0] += 1
-                return torch.nn.functional.mse_loss(ddp(mb[0]), mb[1])
-            per_step = 0
-            for step in range(STEPS):
-                if rank == 1 and step in INJECT:
-                    where, which = INJECT[step]
-                    fake.inject(where, {"first": 1, "middle": per_step // 2 + 1, "last": per_step}[which])
-                calls[0] = 0
-                hook.accumulate(data[step % len(data)], loss_fn)
-                per_step = calls[0]
-                opt.step()
-                opt.zero_grad()
-                hook.step()
-            # plain lists: tensors would cross the queue through shared memory the rank frees on exit
-            result = {"rank": rank, "params": [p.detach().tolist() for p in ddp.parameters()],
-                      "ref": [p.detach().tolist() for p in ref.parameters()], "ooms": fake.ooms,
-                      "recoveries": hook.microbatcher.recoveries, "micro_batches": per_step,
-                      "errors": hook.errors}
-        finally:
-            hook.close()
-        dist.destroy_process_group()
-        results.put(result)
-    except BaseException:  # noqa: BLE001 - the parent reports it
-        results.put({"rank": rank, "error": traceback.format_exc()})
+            hook.step()
+        # plain lists: tensors would cross the queue through shared memory the rank frees on exit
+        result = {"rank": rank, "params": [p.detach().tolist() for p in ddp.parameters()],
+                  "ref": [p.detach().tolist() for p in ref.parameters()], "ooms": fake.ooms,
+                  "recoveries": hook.microbatcher.recoveries, "micro_batches": per_step,
+                  "errors": hook.errors}
+    finally:
+        hook.close()
+    return result
 
 
 def test_ooms_on_one_rank_recover_without_a_hang_and_the_ranks_stay_identical() -> None:
