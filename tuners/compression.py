@@ -3,8 +3,8 @@ bottleneck, and kept only where it pays.
 
 It proposes only on a `communication` verdict (the share of step time a rank waits on gradient
 all-reduce after backward) that holds: the median share of the last `windows` windows must reach
-`min_comm_share` too, so one window a host stall lengthened starts no trial. The cheap settings first: bf16, else fp16 (a cast for the wire), then
-PowerSGD at the job's powersgd_rank. Each is a trial the engine measures: kept when samples/s
+`min_comm_share` too, so one window a host stall lengthened starts no trial. The cheap settings
+first: bf16, else fp16 (a cast for the wire), then PowerSGD at the job's powersgd_rank. Each is a trial the engine measures: kept when samples/s
 gains by the engine's bar with the loss healthy: a non-finite loss or one clearly above its trend
 rolls back at once, and so does a loss that falls per step less than half as fast as before the
 change (ProgressGuard: compression changes the gradients, so samples/s alone cannot judge it).
@@ -68,9 +68,8 @@ class CompressionTuner(TunerBase):
         cur = ctx.obs.knobs.get(self.knob)
         if not isinstance(cur, str) or ctx.verdict != "communication":
             return None
-        share = ctx.window.comm_share or 0.0
         recent = [w.comm_share or 0.0 for w in ctx.windows[-self.windows:]]
-        if share < self.min_share or len(recent) < self.windows or statistics.median(recent) < self.min_share:
+        if len(recent) < self.windows or min(recent[-1], statistics.median(recent)) < self.min_share:
             return None
         share = statistics.median(recent)
         why = f"communication-bound ({share:.0%} of step time waiting on gradient all-reduce)"

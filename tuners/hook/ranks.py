@@ -34,7 +34,6 @@ class RankSync:
     def __init__(self) -> None:
         self.every = 0          # 0: no sync (single process, or tuning off)
         self.steps = 0
-        self._comm_mark = 0.0   # this rank's comm_seconds at the last sync
 
     def decide(self, every: int) -> None:
         if not self.every and distributed():
@@ -60,8 +59,7 @@ class RankSync:
             pending = take()
             payload = json.dumps(pending, default=str).encode() if pending else b""
         total = getattr(meter, "comm_seconds", None)
-        delta = 0.0 if total is None else max(0.0, total - self._comm_mark)
-        self._comm_mark = total or 0.0
+        delta = 0.0 if total is None else max(0.0, total - meter.wire_mark)
         device = collective_device()
         mine = torch.tensor([delta, float(len(payload))], dtype=torch.float64, device=device)
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]

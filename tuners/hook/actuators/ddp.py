@@ -23,10 +23,9 @@ log = logging.getLogger("looptune.hook")
 
 SETTINGS = ("none", "fp16", "bf16", "powersgd")
 CAST = {"fp16": "float16", "bf16": "bfloat16"}
-# DDP's runtime stats: every iteration on CPU (a clock read each); on CUDA each sampled iteration
-# synchronises its events at the next forward, so one in ten, the others counted at its wait
-SAMPLE_EVERY = {"cpu": 1}
-SAMPLE_EVERY_OTHER = 10
+# DDP's runtime stats on a GPU: each sampled iteration synchronises its events at the next forward,
+# so one in ten, the others counted at its wait (on CPU every iteration: a clock read each)
+GPU_SAMPLE_EVERY = 10
 OWN_HOOK = "the job registered its own DDP comm hook"
 
 
@@ -58,8 +57,8 @@ class Dispatch:
         self.powersgd = PowerSGD(rank=1)
         params = [p for p in module.parameters() if p.requires_grad]
         self.grad_bytes = sum(p.numel() * p.element_size() for p in params)
-        device = params[0].device.type if params else "cpu"
-        module._set_ddp_runtime_logging_sample_rate(SAMPLE_EVERY.get(device, SAMPLE_EVERY_OTHER))
+        on_cpu = not params or params[0].device.type == "cpu"
+        module._set_ddp_runtime_logging_sample_rate(1 if on_cpu else GPU_SAMPLE_EVERY)
         self._iteration = 0          # DDP's iteration last counted
         self._comm_end = None        # its host time of that iteration's comm end: a backward counted once
         meter.comm_seconds = 0.0
@@ -75,10 +74,9 @@ class Dispatch:
             return
         n, self._iteration, self._comm_end = iteration - self._iteration, iteration, end
         exposed = (stats.get("backward_comm_time", 0) - stats.get("backward_compute_comm_overlap_time", 0)) / 1e9
-        m = self.meter
-        m.comm_seconds = (m.comm_seconds or 0.0) + max(0.0, exposed) * n
+        self.meter.comm_seconds += max(0.0, exposed) * n
         if not self.registered:        # DDP's own all-reduce: every gradient, uncompressed
-            m.comm_bytes = (m.comm_bytes or 0) + self.grad_bytes * n
+            self.meter.comm_bytes += self.grad_bytes * n
 
     # the actuators (the training thread, at a step boundary: no backward in flight)
 
