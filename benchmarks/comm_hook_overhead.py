@@ -64,7 +64,10 @@ def main() -> int:
     from looptune.tuners.hook.actuators.ddp import Dispatch, dispatch
     from looptune.tuners.hook.meter import Meter
     copies = {k: DDP(model()) for k in ("builtin", "looptune", "torch", "minimal", "noop")}
-    copies["looptune"].register_comm_hook(Dispatch(Meter(lambda exc: None), None), dispatch)
+    # looptune's dispatcher at none, as after a first switch and back (DDP's timer read as in a job)
+    state = Dispatch(Meter(lambda exc: None), copies["looptune"], {})
+    copies["looptune"].register_comm_hook(state, dispatch)
+    state.registered = True
     copies["torch"].register_comm_hook(None, default_hooks.allreduce_hook)
     copies["minimal"].register_comm_hook(dist.group.WORLD, minimal)
     copies["noop"].register_comm_hook(None, noop)

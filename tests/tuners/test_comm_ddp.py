@@ -212,6 +212,7 @@ def hooks_rank_main(rank: int, store: str, tmp: str, results: Any) -> dict[str, 
     train(late, rank, hook)
     out["late_calls"], out["late_setting"] = calls[0], hook.comm.setting
     out["late_unusable"] = hook.comm.unusable.get("fp16", "")
+    out["late_untunable"] = hook.report()["untunable"].get("grad_compression", "")
     hook.close()
     out["own_hook"] = OWN_HOOK
     return out
@@ -232,3 +233,4 @@ def test_the_comm_hook_comes_at_the_first_switch_and_a_jobs_own_hook_is_left_alo
         assert r["late"].startswith("grad_compression") and r["own_hook"] in r["late"], r["late"]
         assert r["late_calls"] > 0 and r["late_setting"] == "none"
         assert r["own_hook"] in r["late_unusable"]
+        assert r["late_untunable"] == r["own_hook"]           # reported: the engine tries no other setting

@@ -44,9 +44,10 @@ class Dispatch:
     """A watched DDP model's comm state: the setting every rank runs now, its implementations,
     and the reading of DDP's timer."""
 
-    def __init__(self, meter: Any, module: Any) -> None:
+    def __init__(self, meter: Any, module: Any, untunable: dict[str, str]) -> None:
         import torch.distributed as dist
         self.meter = meter
+        self.untunable = untunable                 # the hook's: knob -> why the job cannot tune it
         self.module = module
         self.group = module.process_group if module.process_group is not None else dist.group.WORLD
         self.world = self.group.size()
@@ -94,6 +95,8 @@ class Dispatch:
             except RuntimeError as exc:     # a hook registered after watch(): DDP takes one
                 for name in SETTINGS[1:]:
                     self.unusable[name] = f"{OWN_HOOK}: {exc}"[:200]
+                for knob in ("grad_compression", "powersgd_rank"):
+                    self.untunable[knob] = OWN_HOOK
                 raise ValueError(f"grad_compression {value} cannot be used here: {self.unusable[value]}") from exc
             self.registered = True
         self.powersgd.reset()      # errors and Q of an earlier PowerSGD period mean nothing now
@@ -208,7 +211,7 @@ def watch(hook: Any, module: Any) -> Any:
                 hook.untunable["powersgd_rank"] = OWN_HOOK
                 log.info("looptune: communication not timed, grad_compression untunable (%s: %s)", OWN_HOOK, own)
                 return module
-            state = Dispatch(hook.meter, module)
+            state = Dispatch(hook.meter, module, hook.untunable)
             state.probe()
             hook.add_actuator("grad_compression", state.get_setting, state.set_setting, collective=True)
             hook.add_actuator("powersgd_rank", state.get_rank, state.set_rank, collective=True)
