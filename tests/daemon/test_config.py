@@ -158,6 +158,7 @@ def test_out_of_range_message_exact(tmp_path: Path) -> None:
     ({"jobs": {"max_jobs": 0}}, "jobs.max_jobs: 0 is out of range; allowed 1..4096"),
     ({"jobs": {"memory_detail_interval_seconds": 601}},
      "jobs.memory_detail_interval_seconds: 601 is out of range; allowed 1..600"),
+    ({"tuners": {"compression": {"windows": 0}}}, "tuners.compression.windows: 0 is out of range; allowed 1..100"),
     ({"collectors": {"interval_seconds": float("inf")}},
      "collectors.interval_seconds: inf is out of range; allowed 0.1..60"),
 ])
