@@ -158,6 +158,7 @@ class NetBed:
         self.subnet = n % 250
         self.addrs = (f"10.77.{self.subnet}.1", f"10.77.{self.subnet}.2")
         self.created: list[str] = []
+        self._procs: list[subprocess.Popen[Any]] = []     # started by popen(): killed at close()
         self._open = False
         self._owner = os.getpid()      # a forked child inherits the object, never the clean-up
 
@@ -221,6 +222,10 @@ class NetBed:
             return
         self._open = False
         _live.pop(id(self), None)
+        for p in self._procs:       # by pid too: one may not have entered its namespace yet (ip netns exec)
+            if p.poll() is None:
+                p.kill()
+        self._procs = []
         for ns in self.created:
             _kill_inside(ns)
         for ns in self.created:
@@ -247,7 +252,9 @@ class NetBed:
 
     def popen(self, side: int, *cmd: str, **kw: Any) -> subprocess.Popen[Any]:
         """Start `cmd` inside namespace `side`; it is killed at close() if still running."""
-        return subprocess.Popen(self.argv(side, *cmd), **kw)
+        p = subprocess.Popen(self.argv(side, *cmd), **kw)
+        self._procs.append(p)
+        return p
 
     def enter(self, side: int) -> None:
         """Move the calling thread into namespace `side` (setns): for a freshly forked child, whose
